@@ -1,0 +1,1 @@
+"""Hydra config tree (a package so it is found wherever trichip is installed: pkg://configs)."""

@@ -1,0 +1,33 @@
+"""The hardware abstraction layer: `make_backend` picks a framework; each backend picks its platform.
+
+Outside models/, this package is the only place that imports jax or torch (lazily, so a torch-only
+machine never imports jax for training and the reverse).
+"""
+from __future__ import annotations
+
+from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
+
+FRAMEWORKS = ("jax", "torch")
+
+
+def make_backend(framework: str, model, optim: OptimizerSpec, precision: str = "fp32",
+                 platform: str = "auto", remat: bool = False) -> Backend:
+    if framework == "jax":
+        _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
+        from hal.jax_backend import JaxBackend
+        return JaxBackend(model, optim, precision, platform, remat)
+    if framework == "torch":
+        _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")
+        from hal.torch_backend import TorchBackend
+        return TorchBackend(model, optim, precision, platform, remat)
+    raise UserError(f"unknown framework {framework!r}: use hal=jax or hal=torch")
+
+
+def _require(*modules: str, hint: str) -> None:
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not installed: {hint}")
+
+
+__all__ = ["Backend", "HostState", "OptimizerSpec", "StepMetrics", "UserError", "make_backend", "FRAMEWORKS"]

@@ -1,0 +1,117 @@
+"""The hardware abstraction layer's one interface. trainer/ talks to every chip family through it.
+
+Everything crossing this interface is framework-free: NumPy arrays in the canonical layout
+(models.spec names, HF Llama shapes, float32) and Python scalars.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+from models.spec import LlamaConfig, decays
+
+
+class UserError(Exception):
+    """A problem the user fixes by changing a config value, a path or an install: printed as one line."""
+
+
+@dataclasses.dataclass
+class OptimizerSpec:
+    """AdamW, one semantics on every backend (documented in README "Optimizer semantics").
+
+    Per update, with g the gradient and t = count + 1:
+      g <- g / ||g|| * max_grad_norm          if ||g|| > max_grad_norm (global norm over all params)
+      m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+      p <- p - lr * ( (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * p * [p is 2-D] )
+    lr comes from the trainer each step (a pure function of count).
+    """
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class HostState:
+    """The canonical train state on the host: what checkpoints hold and every backend can load.
+
+    params, mu (first moments), nu (second moments): {canonical name: float32 array}.
+    count: the number of optimizer updates applied (optax's count, torch's `step`).
+    """
+    params: dict[str, np.ndarray]
+    mu: dict[str, np.ndarray]
+    nu: dict[str, np.ndarray]
+    count: int
+
+    @classmethod
+    def fresh(cls, params: dict[str, np.ndarray]) -> "HostState":
+        zeros = {k: np.zeros_like(v, dtype=np.float32) for k, v in params.items()}
+        return cls(params=params, mu=zeros, nu={k: np.zeros_like(v) for k, v in zeros.items()}, count=0)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Flat {storage name: array}: params/<name>, opt/mu/<name>, opt/nu/<name>, opt/count."""
+        out = {f"params/{k}": v for k, v in self.params.items()}
+        out.update({f"opt/mu/{k}": v for k, v in self.mu.items()})
+        out.update({f"opt/nu/{k}": v for k, v in self.nu.items()})
+        out["opt/count"] = np.asarray(self.count, np.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> "HostState":
+        def group(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return cls(params=group("params/"), mu=group("opt/mu/"), nu=group("opt/nu/"),
+                   count=int(tensors["opt/count"]))
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    loss: float
+    grad_norm: float
+
+
+class Backend(abc.ABC):
+    """One framework on one platform. Constructed with the model and optimizer; holds the train state."""
+
+    framework: str   # "jax" | "torch"
+    platform: str    # "cpu" | "gpu" | "tpu" | "neuron"
+
+    def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise UserError(f"trainer.precision must be fp32 or bf16, got {precision!r}")
+        self.model, self.optim, self.precision = model, optim, precision
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """Framework, platform, versions and devices, for logs and checkpoint manifests."""
+
+    @abc.abstractmethod
+    def set_state(self, state: HostState) -> None:
+        """Place a canonical host state on the devices (replacing any state held)."""
+
+    @abc.abstractmethod
+    def get_state(self) -> HostState:
+        """Copy the train state to the host in the canonical layout."""
+
+    @abc.abstractmethod
+    def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
+        """One optimizer update on a global batch.
+
+        tokens: int32 [accum, micro_batch, seq_len + 1]; the loss is the mean over every target token,
+        gradients are accumulated over `accum` micro-batches before the one update.
+        """
+
+    @abc.abstractmethod
+    def eval_loss(self, tokens: np.ndarray) -> float:
+        """Mean loss over int32 [n, micro_batch, seq_len + 1] without updating anything."""
+
+    @abc.abstractmethod
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 logits [B, T, vocab] of the current params for int32 tokens [B, T]."""
+
+
+def decay_mask(shapes: dict[str, tuple]) -> dict[str, bool]:
+    return {k: decays(k, tuple(s)) for k, s in shapes.items()}

@@ -1,0 +1,1 @@
+"""Entry points: Hydra apps (train), data preparation, and (later) cluster launch templates."""

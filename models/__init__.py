@@ -1,0 +1,1 @@
+"""Model specs (framework-free) and their JAX (Flax) and PyTorch implementations."""

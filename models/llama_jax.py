@@ -1,0 +1,157 @@
+"""Llama in Flax (linen), over the canonical parameter schema of models.spec.
+
+The parameter tree nests the Hugging Face names: params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+["weight"] is `model.layers.0.self_attn.q_proj.weight`, stored [out, in] exactly as HF stores it.
+Read top to bottom: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, the decoder.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from models.spec import LlamaConfig, flatten, nest, rope_tables  # noqa: F401  (nest/flatten re-exported)
+
+
+class Linear(nn.Module):
+    """y = x W^T with W stored [out, in] (the HF/PyTorch layout), no bias."""
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.zeros_init(), (self.features, x.shape[-1]), jnp.float32)
+        return jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones_init(), (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (w * x32).astype(self.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, T, heads, head_dim]; cos/sin: [T, head_dim]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x * cos + rotate_half(x) * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin):
+        cfg, hd = self.cfg, self.cfg.head_dim
+        b, t, _ = x.shape
+        h, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+        q = Linear(h * hd, self.dtype, name="q_proj")(x).reshape(b, t, h, hd)
+        k = Linear(kvh * hd, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
+        v = Linear(kvh * hd, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Grouped-query attention: query head j reads kv head j // (h // kvh), as HF's repeat_kv does.
+        k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.float32(np.sqrt(hd))
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+        return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        f = self.cfg.intermediate_size
+        gate = Linear(f, self.dtype, name="gate_proj")(x)
+        up = Linear(f, self.dtype, name="up_proj")(x)
+        return Linear(self.cfg.hidden_size, self.dtype, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin):
+        eps = self.cfg.rms_norm_eps
+        x = x + Attention(self.cfg, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin)
+        return x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
+
+
+class Embed(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        w = self.param("weight", nn.initializers.zeros_init(), (self.cfg.vocab_size, self.cfg.hidden_size),
+                       jnp.float32)
+        return jnp.take(w, tokens, axis=0)
+
+
+class Decoder(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.cfg
+        x = Embed(cfg, name="embed_tokens")(tokens).astype(self.dtype)
+        cos, sin = (jnp.asarray(a, self.dtype) for a in rope_tables(cfg, tokens.shape[1]))
+        layers = _Layers(cfg, self.dtype, self.remat, name="layers")
+        return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(layers(x, cos, sin))
+
+
+class _Layers(nn.Module):
+    """Holds the blocks as layers/0, layers/1, ... so the tree nests the HF names exactly."""
+    cfg: LlamaConfig
+    dtype: jnp.dtype
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x, cos, sin):
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        for i in range(self.cfg.num_hidden_layers):
+            x = layer_cls(self.cfg, self.dtype, name=str(i))(x, cos, sin)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    """tokens [B, T] int32 -> logits [B, T, vocab] float32."""
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        decoder = Decoder(self.cfg, self.dtype, self.remat, name="model")
+        h = decoder(tokens)
+        if self.cfg.tie_word_embeddings:
+            w = decoder.variables["params"]["embed_tokens"]["weight"]
+            logits = jnp.einsum("btd,vd->btv", h, w.astype(self.dtype))
+        else:
+            logits = Linear(self.cfg.vocab_size, self.dtype, name="lm_head")(h)
+        return logits.astype(jnp.float32)
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy in float32. logits [B, T, V], targets [B, T] int."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

@@ -1,0 +1,1 @@
+"""The one training loop, framework-free: it drives a hal.Backend and never imports jax or torch."""

@@ -1,0 +1,246 @@
+"""The training loop: the same on every backend.
+
+    state   <- resume from run_dir/checkpoints, or trainer.init_from, or the reference init (seed)
+    for step in [state.step, trainer.steps):
+        tokens <- data.train_batch(step)            a pure function of (seed, step)
+        lr     <- schedule(step)                    a pure function of the updates done
+        backend.train_step(tokens, lr)              one compiled step, one optimizer update
+        metrics.jsonl, log line, eval, checkpoint   by policy
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hal import FRAMEWORKS, HostState, OptimizerSpec, UserError, make_backend
+from models.spec import LlamaConfig, num_params, reference_init
+from trainer import checkpoint
+from trainer.data import TokenData
+from trainer.schedule import learning_rate
+
+log = logging.getLogger("trichip")
+RUN_MARKER = "run.json"
+
+
+def _positive_int(cfg: dict, section: str, key: str, allow_zero: bool = False) -> int:
+    value = cfg[section].get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise UserError(f"{section}.{key} must be {kind} integer, got {value!r}")
+    return value
+
+
+def _number(cfg: dict, section: str, key: str, lo: float, hi: float) -> float:
+    value = cfg[section].get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise UserError(f"{section}.{key} must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+class Run:
+    """A validated run configuration (plain dict from Hydra) with everything derived from it."""
+
+    def __init__(self, cfg: dict, run_dir: str | os.PathLike):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        for section in ("hal", "model", "data", "optim", "trainer"):
+            if not isinstance(cfg.get(section), dict):
+                raise UserError(f"config section {section!r} is missing")
+        if cfg["hal"].get("framework") not in FRAMEWORKS:
+            raise UserError(f"unknown hal framework {cfg['hal'].get('framework')!r}: use hal=jax or hal=torch")
+        try:
+            self.model = LlamaConfig.from_dict(cfg["model"])
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+        t = cfg["trainer"]
+        self.steps = _positive_int(cfg, "trainer", "steps", allow_zero=True)
+        self.global_batch = _positive_int(cfg, "trainer", "global_batch")
+        self.micro_batch = t.get("micro_batch") or self.global_batch
+        _positive_int({"trainer": {"micro_batch": self.micro_batch}}, "trainer", "micro_batch")
+        if self.global_batch % self.micro_batch:
+            raise UserError(f"trainer.global_batch ({self.global_batch}) must be a multiple of "
+                            f"trainer.micro_batch ({self.micro_batch})")
+        self.accum = self.global_batch // self.micro_batch
+        self.seq_len = _positive_int(cfg, "trainer", "seq_len")
+        if self.seq_len > self.model.max_position_embeddings:
+            raise UserError(f"trainer.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
+                            f"({self.model.max_position_embeddings})")
+        self.log_every = _positive_int(cfg, "trainer", "log_every")
+        self.eval_every = _positive_int(cfg, "trainer", "eval_every", allow_zero=True)
+        self.eval_batches = _positive_int(cfg, "trainer", "eval_batches")
+        self.checkpoint_every = _positive_int(cfg, "trainer", "checkpoint_every", allow_zero=True)
+        self.keep = _positive_int(cfg, "trainer", "keep_checkpoints")
+        if t.get("precision") not in ("fp32", "bf16"):
+            raise UserError(f"trainer.precision must be fp32 or bf16, got {t.get('precision')!r}")
+        o = cfg["optim"]
+        self.peak_lr = _number(cfg, "optim", "lr", 0.0, 10.0)
+        self.warmup = _positive_int(cfg, "optim", "warmup_steps", allow_zero=True)
+        self.min_lr_ratio = _number(cfg, "optim", "min_lr_ratio", 0.0, 1.0)
+        if o.get("schedule") not in ("cosine", "linear", "constant"):
+            raise UserError(f"optim.schedule must be cosine, linear or constant, got {o.get('schedule')!r}")
+        self.optim = OptimizerSpec(b1=_number(cfg, "optim", "b1", 0.0, 1.0), b2=_number(cfg, "optim", "b2", 0.0, 1.0),
+                                   eps=_number(cfg, "optim", "eps", 0.0, 1.0),
+                                   weight_decay=_number(cfg, "optim", "weight_decay", 0.0, 10.0),
+                                   max_grad_norm=_number(cfg, "optim", "max_grad_norm", 1e-12, 1e12))
+        self.seed = cfg.get("seed", 0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.check_run_dir()
+        self.init_from = t.get("init_from")
+        if self.init_from:
+            self.init_ckpt = checkpoint.resolve(self.init_from)
+
+    def lr(self, count: int) -> float:
+        return learning_rate(count, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.steps,
+                             min_lr_ratio=self.min_lr_ratio, schedule=self.cfg["optim"]["schedule"])
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def check_run_dir(self) -> None:
+        """A run dir is new, or one trichip made (it has run.json). Hydra's own files don't count."""
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise UserError(f"run dir {d} is a file; choose a directory (run_dir=...)")
+        if not d.is_dir() or (d / RUN_MARKER).is_file():
+            return
+        foreign = [p.name for p in d.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")]
+        if foreign:
+            raise UserError(f"run dir {d} is not a trichip run (no {RUN_MARKER}, holds {sorted(foreign)[:3]}); "
+                            f"choose a new directory with run_dir=...")
+
+    def check_model(self, ckpt: Path, manifest: dict) -> None:
+        theirs = manifest.get("model", {})
+        ours = self.model.to_dict()
+        diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+        if diff:
+            raise UserError(f"checkpoint {ckpt} was written for another model ({'; '.join(diff[:3])}); "
+                            f"use the model config it was trained with, or a new run")
+
+
+def _metrics_upto(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint we resume from): no step twice."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _progress(total: int, initial: int):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _redirect_logging(bar):
+    """With a progress bar on the terminal, route console log lines through it so they don't tear it."""
+    if bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm(loggers=[logging.getLogger()])
+
+
+def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
+    """Run (or resume) training; returns a summary. Raises UserError for anything the user must change."""
+    run = Run(cfg, run_dir)
+    data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size,
+                     cfg["data"].get("eval_fraction", 0.05))
+    # Find the starting state before building the backend: bad checkpoints fail before any compute.
+    start_step, state, source = 0, None, "reference init"
+    resume_steps = checkpoint.list_steps(run.ckpt_root) if cfg["trainer"].get("resume", True) else []
+    if resume_steps:
+        ckpt = run.ckpt_root / str(resume_steps[-1])
+        run.check_model(ckpt, checkpoint.read_manifest(ckpt))
+    elif run.init_from:
+        ckpt = run.init_ckpt
+        run.check_model(ckpt, checkpoint.read_manifest(ckpt))
+    else:
+        ckpt = None
+
+    h = cfg["hal"]
+    backend = make_backend(h["framework"], run.model, run.optim, cfg["trainer"]["precision"],
+                           h.get("platform", "auto"), bool(cfg["trainer"].get("remat", False)))
+    info = backend.describe()
+    if ckpt is not None:
+        state, manifest = checkpoint.load(ckpt)
+        if ckpt.parent == run.ckpt_root or not cfg["trainer"].get("init_weights_only", False):
+            start_step = manifest["step"]
+        else:
+            state = HostState.fresh(state.params)
+        source = f"{ckpt} (step {manifest['step']}, written by {manifest['writer']['framework']} on " \
+                 f"{manifest['writer']['platform']})"
+    else:
+        state = HostState.fresh(reference_init(run.model, run.seed))
+    backend.set_state(state)
+    del state
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run.run_dir / RUN_MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": run.model.to_dict(),
+                                      "first_writer": info}, indent=1))
+    metrics_path = run.run_dir / "metrics.jsonl"
+    _metrics_upto(metrics_path, start_step)
+    tokens_per_step = run.global_batch * run.seq_len
+    log.info("%s on %s (%s): %s params, %d steps of %d tokens; start at step %d from %s",
+             info["framework"], info["platform"], ", ".join(info["devices"][:2]),
+             f"{num_params(run.model):,}", run.steps, tokens_per_step,
+             start_step, source)
+    log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
+
+    meta = {"model": run.model.to_dict(), "writer": info,
+            "data": {"path": cfg["data"]["path"], "seed": run.seed, "next_step": None},
+            "rng": {"seed": run.seed}}
+    bar = _progress(run.steps, start_step)
+    last = {}
+    with open(metrics_path, "a") as metrics_file, _redirect_logging(bar):
+        for step in range(start_step, run.steps):
+            t0 = time.perf_counter()
+            tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
+            lr = run.lr(step)
+            m = backend.train_step(tokens, lr)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
+                    "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+            if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
+                last["eval_loss"] = evaluate(backend, data, run)
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            if done % run.log_every == 0 or done == run.steps or "eval_loss" in last:
+                line = (f"step {done}/{run.steps} | loss {m.loss:.4f} | lr {lr:.3g} | grad_norm {m.grad_norm:.3f}"
+                        f" | {last['tokens_per_s']:,.0f} tok/s")
+                if "eval_loss" in last:
+                    line += f" | eval_loss {last['eval_loss']:.4f}"
+                log.info(line)
+            if bar:
+                bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+            if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
+                path = checkpoint.save(run.ckpt_root, done, backend.get_state(),
+                                       dict(meta, data=dict(meta["data"], next_step=done)), config_yaml)
+                checkpoint.prune(run.ckpt_root, run.keep)
+                log.info("checkpoint %s", path)
+    if bar:
+        bar.close()
+    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last}
+
+
+def evaluate(backend, data: TokenData, run: Run) -> float:
+    """Mean held-out loss over trainer.eval_batches global batches, at the train step's micro-batch shape."""
+    tokens = [data.eval_batch(i, run.global_batch) for i in range(run.eval_batches)]
+    batch = np.stack(tokens).reshape(run.eval_batches * run.accum, run.micro_batch, run.seq_len + 1)
+    return backend.eval_loss(batch)
