@@ -67,7 +67,7 @@ class JaxBackend(Backend):
                 zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
                 (loss, grads), _ = jax.lax.scan(micro, zero, tokens)
                 loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
             return params, opt_state, loss, grad_norm
