@@ -25,11 +25,29 @@ def _fail(message: str) -> None:
 def _one_line(e: Exception) -> str:
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
-    if "Available options" in text:
-        options = [ln.strip() for ln in text.split("Available options", 1)[1].splitlines()[1:]
-                   if ln.startswith("\t")]
-        first += f" (available: {', '.join(options)})"
-    return first
+    if "Available options" in text:       # an unknown option of a config group (hal=..., model=...)
+        block = text.split("Available options", 1)[1].split("Config search path")[0]
+        first += f" (available: {', '.join(ln.strip() for ln in block.splitlines()[1:] if ln.strip())})"
+    if first.startswith("Could not override '"):   # a key that is not in the config
+        key = first.split("'")[1]
+        parent, _, leaf = key.rpartition(".")
+        first = f"unknown config key {key!r}"
+        known = _known_keys(parent)
+        if known:
+            first += f"; keys{' in ' + parent if parent else ''} are: {', '.join(known)}"
+    return first.replace("In 'train': ", "")
+
+
+def _known_keys(parent: str) -> list[str]:
+    from hydra import compose, initialize_config_module
+    try:
+        with initialize_config_module("configs", version_base="1.3"):
+            node = compose("train")
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        return sorted(str(k) for k in node.keys())
+    except Exception:
+        return []
 
 
 def precheck(argv: list[str]) -> None:
@@ -53,8 +71,8 @@ def main(cfg: DictConfig) -> dict:
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:
-        _fail(_one_line(e).replace("Missing mandatory value: ", "missing value for ") +
-              " (set it on the command line, e.g. data.path=tokens.npy)")
+        key = getattr(e, "full_key", None) or _one_line(e)
+        _fail(f"{key} has no value: set it on the command line ({key}=...)")
     try:
         return train(plain, HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))
     except UserError as e:
