@@ -8,6 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one compute thread each. torch's OpenMP threads spin-wait; two
+    # processes each spinning on both cores run a torch step ~10x slower than one thread each.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
