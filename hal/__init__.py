@@ -10,16 +10,19 @@ from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
 FRAMEWORKS = ("jax", "torch")
 
 
-def make_backend(framework: str, model, optim: OptimizerSpec, precision: str = "fp32",
-                 platform: str = "auto", remat: bool = False) -> Backend:
+def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32", remat: bool = False) -> Backend:
+    """hal: the `hal` config group (framework, platform, mesh, ...)."""
+    framework = hal.get("framework")
+    common = dict(platform=hal.get("platform", "auto"), mesh=hal.get("mesh"),
+                  mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"))
     if framework == "jax":
         _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
         from hal.jax_backend import JaxBackend
-        return JaxBackend(model, optim, precision, platform, remat)
+        return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"), **common)
     if framework == "torch":
         _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")
         from hal.torch_backend import TorchBackend
-        return TorchBackend(model, optim, precision, platform, remat)
+        return TorchBackend(model, optim, precision, remat=remat, **common)
     raise UserError(f"unknown framework {framework!r}: use hal=jax or hal=torch")
 
 

@@ -56,7 +56,7 @@ class HostState:
         out = {f"params/{k}": v for k, v in self.params.items()}
         out.update({f"opt/mu/{k}": v for k, v in self.mu.items()})
         out.update({f"opt/nu/{k}": v for k, v in self.nu.items()})
-        out["opt/count"] = np.asarray(self.count, np.int64)
+        out["opt/count"] = np.asarray(self.count, np.int32)
         return out
 
     @classmethod
@@ -111,6 +111,37 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """float32 logits [B, T, vocab] of the current params for int32 tokens [B, T]."""
+
+    # -- checkpoints and processes. Defaults: one process holding the whole state on the host. ----
+    process_index = 0
+    process_count = 1
+
+    def check_batch(self, micro_batch: int) -> None:
+        """Raise UserError if the micro-batch cannot be split over this backend's devices/processes."""
+
+    def save(self, path: str) -> dict:
+        """Write the train state's tensors under `path` (collective; nothing gathered where the backend
+        holds shards). Returns {storage name: {shape, dtype, digest}} for the manifest."""
+        from hal import store
+        t = self.get_state().tensors()
+        store.write_tensors(path, t)
+        d = store.digests(t)
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in t.items()}
+
+    def load(self, path: str, manifest_tensors: dict) -> dict:
+        """Replace the train state with the tensors under `path`; returns {name: digest} of what was read."""
+        from hal import store
+        names = [n for n in manifest_tensors]
+        t = store.read_tensors(path, names)
+        self.set_state(HostState.from_tensors(t))
+        return store.digests(t)
+
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        """Sum a uint64 vector over processes (mod 2**64)."""
+        return values
+
+    def barrier(self, name: str) -> None:
+        """Wait for every process."""
 
 
 def decay_mask(shapes: dict[str, tuple]) -> dict[str, bool]:

@@ -1,12 +1,17 @@
-"""JAX backend: Flax model, Optax AdamW, one jax.jit'ed train step (TPU, GPU, Neuron PJRT, CPU)."""
+"""JAX backend: Flax model, Optax AdamW, one jax.jit'ed train step over a device Mesh (TPU, GPU,
+Neuron PJRT plugin, CPU host devices), NamedSharding through logical axis rules, multi-host through
+jax.distributed."""
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
+from hal import mesh as meshlib
+from hal import store
 from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
-from models.spec import LlamaConfig, flatten, nest, param_shapes
+from models.spec import LlamaConfig, flatten, logical_axes, nest, param_shapes
 
 # jax.default_backend() names -> trichip platform names
 _PLATFORM_OF = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "neuron": "neuron"}
@@ -28,22 +33,58 @@ def _select_platform(platform: str) -> str:
     return _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
 
 
+def maybe_initialize_distributed(mode) -> None:
+    """jax.distributed.initialize() for multi-host runs.
+
+    mode auto: initialize when launched as several processes — by torchrun-style variables
+    (WORLD_SIZE > 1; the JAX coordinator listens on MASTER_PORT + 1, since torchrun's own store holds
+    MASTER_PORT) or by a cluster JAX detects itself (TPU pods, SLURM). true: always; false: never.
+    """
+    import jax
+    if mode is False or mode == "false" or jax.distributed.is_initialized():
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{int(os.environ.get('MASTER_PORT', '29500')) + 1}"
+        jax.distributed.initialize(coordinator_address=addr, num_processes=world,
+                                   process_id=int(os.environ["RANK"]))
+    elif mode is True or mode == "true":
+        jax.distributed.initialize()
+
+
 class JaxBackend(Backend):
     framework = "jax"
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
-                 platform: str = "auto", remat: bool = False):
+                 platform: str = "auto", remat: bool = False, mesh: dict | None = None,
+                 mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto"):
         super().__init__(model, optim, precision)
         import jax
         import jax.numpy as jnp
         import optax
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
         from models.llama_jax import LlamaForCausalLM, cross_entropy
 
+        maybe_initialize_distributed(distributed)
         self.platform = _select_platform(platform)
         self._jax = jax
+        n = jax.device_count()
+        self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), n)
+        self.mesh = jax.make_mesh(tuple(self.mesh_sizes[a] for a in meshlib.AXES), meshlib.AXES,
+                                  axis_types=(AxisType.Auto,) * len(meshlib.AXES))
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+
+        shapes = param_shapes(model)
+        specs = {k: P(*meshlib.partition(logical_axes(k, s), s, self.mesh_sizes)) for k, s in shapes.items()}
+        self.param_shardings = {k: NamedSharding(self.mesh, spec) for k, spec in specs.items()}
+        self.replicated = NamedSharding(self.mesh, P())
+        batch_axes = meshlib.partition(("batch",), (self._batch_divisor(),), self.mesh_sizes)[0]
+        self.batch_sharding = NamedSharding(self.mesh, P(None, batch_axes, None))
+
         dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
         self.net = LlamaForCausalLM(model, dtype=dtype, remat=remat)
-        shapes = param_shapes(model)
         self._mask = nest({k: len(s) == 2 for k, s in shapes.items()})
         self.tx = optax.chain(
             optax.clip_by_global_norm(optim.max_grad_norm),
@@ -51,6 +92,8 @@ class JaxBackend(Backend):
             optax.add_decayed_weights(optim.weight_decay, mask=self._mask),
         )
         net, tx = self.net, self.tx
+        p_sh = nest(self.param_shardings)
+        opt_sh = self._opt_shardings(p_sh)
 
         def loss_fn(params, tokens):
             logits = net.apply({"params": params}, tokens[:, :-1])
@@ -75,10 +118,31 @@ class JaxBackend(Backend):
         def eval_loss(params, tokens):
             return jax.lax.map(lambda tok: loss_fn(params, tok), tokens).mean()
 
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._eval_loss = jax.jit(eval_loss)
-        self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens))
+        rep = self.replicated
+        self._train_step = jax.jit(train_step, donate_argnums=(0, 1),
+                                   in_shardings=(p_sh, opt_sh, self.batch_sharding, rep),
+                                   out_shardings=(p_sh, opt_sh, rep, rep))
+        self._eval_loss = jax.jit(eval_loss, in_shardings=(p_sh, self.batch_sharding), out_shardings=rep)
+        self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens),
+                               in_shardings=(p_sh, rep), out_shardings=rep)
         self.params = self.opt_state = None
+
+    def _batch_divisor(self) -> int:
+        return self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]
+
+    def check_batch(self, micro_batch: int) -> None:
+        d = self._batch_divisor()
+        if micro_batch % d:
+            raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the mesh's data x fsdp "
+                            f"size ({d}, mesh {self.mesh_sizes}); change the batch or hal.mesh")
+
+    def _opt_shardings(self, p_sh):
+        """Optax state shardings: moments like the params, the step count replicated."""
+        jax = self._jax
+        abstract = jax.eval_shape(self.tx.init, nest(
+            {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in param_shapes(self.model).items()}))
+        adam = abstract[1]
+        return (abstract[0], adam._replace(count=self.replicated, mu=p_sh, nu=p_sh), abstract[2])
 
     def describe(self) -> dict:
         jax = self._jax
@@ -86,34 +150,90 @@ class JaxBackend(Backend):
         import optax
         return {"framework": "jax", "platform": self.platform,
                 "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
-                "devices": [str(d) for d in jax.devices()], "device_count": jax.device_count(),
-                "process_count": jax.process_count(), "precision": self.precision}
+                "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
+                "process_count": self.process_count, "precision": self.precision,
+                "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source}
+
+    # -- state ---------------------------------------------------------------------------------
+    def _put(self, array, sharding):
+        """A host array (the same on every process) -> a global jax.Array; each process places its shards."""
+        array = np.asarray(array)
+        return self._jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+    def _shardings(self) -> dict:
+        sh = {f"params/{k}": s for k, s in self.param_shardings.items()}
+        sh.update({f"opt/mu/{k}": s for k, s in self.param_shardings.items()})
+        sh.update({f"opt/nu/{k}": s for k, s in self.param_shardings.items()})
+        sh["opt/count"] = self.replicated
+        return sh
+
+    def _set_tensors(self, t: dict) -> None:
+        group = lambda prefix: nest({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})  # noqa: E731
+        self.params = group("params/")
+        init = self._jax.eval_shape(self.tx.init, self.params)
+        adam = init[1]._replace(count=t["opt/count"], mu=group("opt/mu/"), nu=group("opt/nu/"))
+        self.opt_state = (init[0], adam, init[2])
 
     def set_state(self, state: HostState) -> None:
-        jax, jnp = self._jax, self._jax.numpy
-        self.params = jax.tree.map(jnp.asarray, nest(state.params))
-        opt_state = self.tx.init(self.params)
-        adam = opt_state[1]._replace(count=jnp.asarray(state.count, jnp.int32),
-                                     mu=jax.tree.map(jnp.asarray, nest(state.mu)),
-                                     nu=jax.tree.map(jnp.asarray, nest(state.nu)))
-        self.opt_state = (opt_state[0], adam, opt_state[2])
+        t = state.tensors()
+        sh = self._shardings()
+        self._set_tensors({k: self._put(v, sh[k]) for k, v in t.items()})
+
+    def _tensors(self) -> dict:
+        adam = self.opt_state[1]
+        t = {f"params/{k}": v for k, v in flatten(self.params).items()}
+        t.update({f"opt/mu/{k}": v for k, v in flatten(adam.mu).items()})
+        t.update({f"opt/nu/{k}": v for k, v in flatten(adam.nu).items()})
+        t["opt/count"] = adam.count
+        return t
 
     def get_state(self) -> HostState:
-        adam = self.opt_state[1]
-        host = self._jax.device_get((self.params, adam.mu, adam.nu, adam.count))
-        params, mu, nu, count = host
-        as_np = functools.partial(np.asarray, dtype=np.float32)
-        return HostState(params={k: as_np(v) for k, v in flatten(params).items()},
-                         mu={k: as_np(v) for k, v in flatten(mu).items()},
-                         nu={k: as_np(v) for k, v in flatten(nu).items()}, count=int(count))
+        from jax.experimental import multihost_utils
+        t = self._tensors()
+        if self.process_count > 1:
+            t = multihost_utils.process_allgather(t, tiled=True)
+        return HostState.from_tensors({k: np.asarray(self._jax.device_get(v)) for k, v in t.items()})
 
+    def save(self, path: str) -> dict:
+        """Each process writes the shards it holds (no gather); returns {name: shape, dtype, digest}."""
+        t = self._tensors()
+        store.write_tensors(path, t)
+        d = store.digests(t, self.allreduce if self.process_count > 1 else None)
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in t.items()}
+
+    def load(self, path: str, manifest_tensors: dict) -> dict:
+        """Restore straight into this mesh's shardings (any writer, any device count)."""
+        sh = self._shardings()
+        missing = sorted(set(sh) - set(manifest_tensors))
+        if missing:
+            raise UserError(f"checkpoint {path} lacks tensors this model needs, e.g. {missing[:2]}")
+        t = store.read_tensors(path, list(sh), shardings=sh)
+        found = store.digests(t, self.allreduce if self.process_count > 1 else None)
+        self._set_tensors(t)
+        return found
+
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        from jax.experimental import multihost_utils
+        # as uint32 pairs: without jax_enable_x64 a 64-bit integer array would be cut to 32 bits
+        halves = np.ascontiguousarray(values, np.uint64).view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(halves), np.uint32)
+        return gathered.reshape(self.process_count, -1).view(np.uint64).sum(axis=0, dtype=np.uint64)
+
+    def barrier(self, name: str) -> None:
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
+
+    # -- compute -------------------------------------------------------------------------------
     def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
+        batch = self._put(np.asarray(tokens, np.int32), self.batch_sharding)
         self.params, self.opt_state, loss, grad_norm = self._train_step(
-            self.params, self.opt_state, tokens, np.float32(lr))
+            self.params, self.opt_state, batch, np.float32(lr))
         return StepMetrics(loss=float(loss), grad_norm=float(grad_norm))
 
     def eval_loss(self, tokens: np.ndarray) -> float:
-        return float(self._eval_loss(self.params, tokens))
+        return float(self._eval_loss(self.params, self._put(np.asarray(tokens, np.int32), self.batch_sharding)))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        return np.asarray(self._logits(self.params, np.asarray(tokens, np.int32)))
+        out = self._logits(self.params, self._put(np.asarray(tokens, np.int32), self.replicated))
+        return np.asarray(self._jax.device_get(out))

@@ -27,7 +27,8 @@ class TorchBackend(Backend):
     framework = "torch"
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
-                 platform: str = "auto", remat: bool = False):
+                 platform: str = "auto", remat: bool = False, mesh: dict | None = None,
+                 mesh_rule: str = "auto", instance_type: str | None = None):
         super().__init__(model, optim, precision)
         import torch
         from models.llama_torch import LlamaForCausalLM, cross_entropy

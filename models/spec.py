@@ -208,3 +208,20 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[name] = v
     return out
+
+
+def logical_axes(name: str, shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """Logical axis names of a canonical parameter; a backend's rules map them onto mesh axes.
+
+    Linear weights are [out, in]: column-parallel projections (q/k/v, gate/up) put heads or mlp on
+    `out`; row-parallel ones (o, down) put them on `in`; the model dimension is `embed` everywhere.
+    """
+    if len(shape) == 1:
+        return ("norm",)
+    leaf = name.split(".")[-2]
+    return {
+        "embed_tokens": ("vocab", "embed"), "lm_head": ("vocab", "embed"),
+        "q_proj": ("heads", "embed"), "k_proj": ("kv_heads", "embed"), "v_proj": ("kv_heads", "embed"),
+        "o_proj": ("embed", "heads"),
+        "gate_proj": ("mlp", "embed"), "up_proj": ("mlp", "embed"), "down_proj": ("embed", "mlp"),
+    }[leaf]

@@ -170,33 +170,36 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     else:
         ckpt = None
 
-    h = cfg["hal"]
-    backend = make_backend(h["framework"], run.model, run.optim, cfg["trainer"]["precision"],
-                           h.get("platform", "auto"), bool(cfg["trainer"].get("remat", False)))
+    backend = make_backend(cfg["hal"], run.model, run.optim, cfg["trainer"]["precision"],
+                           bool(cfg["trainer"].get("remat", False)))
+    backend.check_batch(run.micro_batch)
+    lead = backend.process_index == 0
+    if not lead:
+        log.setLevel(logging.WARNING)     # one process reports; all of them train
     info = backend.describe()
     if ckpt is not None:
-        state, manifest = checkpoint.load(ckpt)
+        manifest = checkpoint.load(ckpt, backend)
         if ckpt.parent == run.ckpt_root or not cfg["trainer"].get("init_weights_only", False):
             start_step = manifest["step"]
         else:
-            state = HostState.fresh(state.params)
+            backend.set_state(HostState.fresh(backend.get_state().params))
         source = f"{ckpt} (step {manifest['step']}, written by {manifest['writer']['framework']} on " \
-                 f"{manifest['writer']['platform']})"
+                 f"{manifest['writer']['platform']}, mesh {manifest['writer'].get('mesh')})"
     else:
-        state = HostState.fresh(reference_init(run.model, run.seed))
-    backend.set_state(state)
-    del state
+        backend.set_state(HostState.fresh(reference_init(run.model, run.seed)))
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run.run_dir / RUN_MARKER
-    if not marker.exists():
-        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": run.model.to_dict(),
-                                      "first_writer": info}, indent=1))
     metrics_path = run.run_dir / "metrics.jsonl"
-    _metrics_upto(metrics_path, start_step)
+    if lead:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run.run_dir / RUN_MARKER
+        if not marker.exists():
+            marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                          "model": run.model.to_dict(), "first_writer": info}, indent=1))
+        _metrics_upto(metrics_path, start_step)
     tokens_per_step = run.global_batch * run.seq_len
-    log.info("%s on %s (%s): %s params, %d steps of %d tokens; start at step %d from %s",
-             info["framework"], info["platform"], ", ".join(info["devices"][:2]),
+    log.info("%s on %s: %d device(s) in %d process(es), mesh %s (%s)", info["framework"], info["platform"],
+             info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
+    log.info("%s params, %d steps of %d tokens; start at step %d from %s",
              f"{num_params(run.model):,}", run.steps, tokens_per_step,
              start_step, source)
     log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
@@ -204,9 +207,9 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     meta = {"model": run.model.to_dict(), "writer": info,
             "data": {"path": cfg["data"]["path"], "seed": run.seed, "next_step": None},
             "rng": {"seed": run.seed}}
-    bar = _progress(run.steps, start_step)
+    bar = _progress(run.steps, start_step) if lead else None
     last = {}
-    with open(metrics_path, "a") as metrics_file, _redirect_logging(bar):
+    with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, _redirect_logging(bar):
         for step in range(start_step, run.steps):
             t0 = time.perf_counter()
             tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
@@ -230,9 +233,10 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
                 bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
-                path = checkpoint.save(run.ckpt_root, done, backend.get_state(),
+                path = checkpoint.save(run.ckpt_root, done, backend,
                                        dict(meta, data=dict(meta["data"], next_step=done)), config_yaml)
-                checkpoint.prune(run.ckpt_root, run.keep)
+                if lead:
+                    checkpoint.prune(run.ckpt_root, run.keep)
                 log.info("checkpoint %s", path)
     if bar:
         bar.close()
