@@ -82,7 +82,7 @@ def choose(mesh_cfg: dict | None, rule: str, instance: str | None, n_devices: in
             raise UserError(f"hal.mesh_rule={rule!r} matches no rule; known: {[p for p, _ in MESH_RULES]}")
     if rule != "none" and rule_for(name) is not None:
         return resolve(rule_for(name), n_devices), f"mesh rule for {name}"
-    return resolve({"data": -1}, n_devices), "data parallel over all devices"
+    return resolve({"fsdp": -1}, n_devices), "FSDP over all devices"
 
 
 def partition(logical: tuple, shape: tuple, sizes: dict[str, int]) -> tuple:

@@ -1,15 +1,22 @@
-"""PyTorch backend: the same Llama in torch, torch.optim.AdamW with two param groups (GPU, Neuron, CPU)."""
+"""PyTorch backend: the same Llama in torch, torch.optim.AdamW with two param groups, and FSDP2
+(`fully_shard` per transformer block and at the root) over a DeviceMesh when launched by torchrun
+(GPU: nccl, CPU: gloo). Hybrid sharding (replicate x shard) when the mesh has data > 1."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
+from hal import mesh as meshlib
+from hal import store
 from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
 from models.spec import LlamaConfig, decays
 
+COMM_BACKEND = {"cpu": "gloo", "gpu": "nccl"}
 
-def _select_device(platform: str):
+
+def _select_device(platform: str, local_rank: int):
     import torch
     if platform == "auto":
         platform = "gpu" if torch.cuda.is_available() else "cpu"
@@ -19,7 +26,8 @@ def _select_device(platform: str):
         if not torch.cuda.is_available():
             raise UserError("hal.platform=gpu but torch sees no CUDA device (torch.cuda.is_available() is False); "
                             "install a CUDA build of torch or use hal.platform=cpu")
-        return "gpu", torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(local_rank)
+        return "gpu", torch.device("cuda", local_rank)
     raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu for hal=torch")
 
 
@@ -31,14 +39,29 @@ class TorchBackend(Backend):
                  mesh_rule: str = "auto", instance_type: str | None = None):
         super().__init__(model, optim, precision)
         import torch
+        import torch.distributed as dist
         from models.llama_torch import LlamaForCausalLM, cross_entropy
 
-        self._torch = torch
-        self.platform, self.device = _select_device(platform)
+        self._torch, self._dist = torch, dist
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.platform, self.device = _select_device(platform, int(os.environ.get("LOCAL_RANK", "0")))
+        self.distributed = world > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group(COMM_BACKEND[self.platform])
+        self.process_index, self.process_count = (dist.get_rank(), world) if self.distributed else (0, 1)
+        self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type),
+                                                           world)
+        if self.mesh_sizes["tensor"] != 1:
+            raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
+                            f"now: set hal.mesh.tensor=1 (mesh {self.mesh_sizes})")
+
         with torch.device("meta"):
             net = LlamaForCausalLM(model)
+        net.activation_checkpointing = remat
+        self.device_mesh = None
+        if self.distributed:
+            net = self._fully_shard(net)
         self.net = net.to_empty(device=self.device)
-        self.net.activation_checkpointing = remat
         self._cross_entropy = cross_entropy
         named = dict(self.net.named_parameters())
         decay = [p for n, p in named.items() if decays(n, tuple(p.shape))]
@@ -49,8 +72,31 @@ class TorchBackend(Backend):
             lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps)
         self._names = list(named)
 
+    def _fully_shard(self, net):
+        """FSDP2: one unit per decoder block, the root (embeddings, final norm, head) last."""
+        torch = self._torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        d, f = self.mesh_sizes["data"], self.mesh_sizes["fsdp"]
+        device_type = self.device.type
+        if d > 1:   # hybrid: replicate over data, shard over fsdp
+            self.device_mesh = init_device_mesh(device_type, (d, f), mesh_dim_names=("data", "fsdp"))
+        else:
+            self.device_mesh = init_device_mesh(device_type, (f,), mesh_dim_names=("fsdp",))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.precision == "bf16" else MixedPrecisionPolicy()
+        for layer in net.model.layers:
+            fully_shard(layer, mesh=self.device_mesh, mp_policy=mp)
+        fully_shard(net, mesh=self.device_mesh, mp_policy=mp)
+        return net
+
+    def check_batch(self, micro_batch: int) -> None:
+        if micro_batch % self.process_count:
+            raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the number of processes "
+                            f"({self.process_count})")
+
     def _autocast(self):
-        if self.precision == "bf16":
+        if self.precision == "bf16" and not self.distributed:   # FSDP2 casts through its MixedPrecisionPolicy
             return self._torch.autocast(device_type=self.device.type, dtype=self._torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -59,41 +105,177 @@ class TorchBackend(Backend):
         devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                    if self.platform == "gpu" else [f"cpu ({torch.get_num_threads()} threads)"])
         return {"framework": "torch", "platform": self.platform, "versions": {"torch": torch.__version__},
-                "devices": devices, "device_count": len(devices), "process_count": 1,
-                "precision": self.precision}
+                "devices": devices, "device_count": self.process_count, "process_count": self.process_count,
+                "precision": self.precision, "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
+                "comm_backend": COMM_BACKEND[self.platform] if self.distributed else None}
+
+    # -- state ---------------------------------------------------------------------------------
+    def _to_param_layout(self, p, full: np.ndarray):
+        """A full host array -> a tensor laid out like parameter p (a DTensor shard under FSDP2)."""
+        torch = self._torch
+        t = torch.from_numpy(np.array(full, np.float32, copy=True)).to(self.device)
+        if self.distributed:
+            from torch.distributed.tensor import distribute_tensor
+            t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
+        return t
+
+    def _local(self, t):
+        return t.to_local() if hasattr(t, "to_local") else t
 
     def set_state(self, state: HostState) -> None:
         torch = self._torch
-        missing = set(self._names) ^ set(state.params)
-        if missing:
-            raise UserError(f"state does not match the model: parameters {sorted(missing)[:3]} differ")
-        named = dict(self.net.named_parameters())
+        mismatch = set(self._names) ^ set(state.params)
+        if mismatch:
+            raise UserError(f"state does not match the model: parameters {sorted(mismatch)[:3]} differ")
+        named = self._resharded()
         with torch.no_grad():
             for name, p in named.items():
-                p.copy_(torch.from_numpy(np.ascontiguousarray(state.params[name])))
+                self._local(p).copy_(self._local(self._to_param_layout(p, state.params[name])))
         self.opt.state.clear()
         if state.count > 0:
             for name, p in named.items():
-                self.opt.state[p] = {
-                    "step": torch.tensor(float(state.count), dtype=torch.float32),
-                    "exp_avg": torch.from_numpy(np.array(state.mu[name], np.float32)).to(self.device),
-                    "exp_avg_sq": torch.from_numpy(np.array(state.nu[name], np.float32)).to(self.device),
-                }
+                self.opt.state[p] = {"step": torch.tensor(float(state.count), dtype=torch.float32),
+                                     "exp_avg": self._to_param_layout(p, state.mu[name]),
+                                     "exp_avg_sq": self._to_param_layout(p, state.nu[name])}
+
+    def _full(self, t) -> np.ndarray:
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        return t.detach().float().cpu().numpy().copy()
 
     def get_state(self) -> HostState:
-        named = dict(self.net.named_parameters())
-        params = {n: p.detach().cpu().numpy().copy() for n, p in named.items()}
-        mu, nu, count = {}, {}, 0
+        named = self._resharded()
+        params, mu, nu, count = {}, {}, {}, 0
         for n, p in named.items():
+            params[n] = self._full(p)
             st = self.opt.state.get(p)
             if st:
-                mu[n] = st["exp_avg"].cpu().numpy().copy()
-                nu[n] = st["exp_avg_sq"].cpu().numpy().copy()
-                count = int(st["step"])
+                mu[n], nu[n], count = self._full(st["exp_avg"]), self._full(st["exp_avg_sq"]), int(st["step"])
             else:
-                mu[n] = np.zeros_like(params[n])
-                nu[n] = np.zeros_like(params[n])
+                mu[n], nu[n] = np.zeros_like(params[n]), np.zeros_like(params[n])
         return HostState(params=params, mu=mu, nu=nu, count=count)
+
+    # Under FSDP2 checkpoints go through orbax as global jax.Arrays built from each rank's shard (jax on
+    # the CPU, jax.distributed over the same ranks): every rank writes and reads only its own rows.
+    def _jax_io(self):
+        if not hasattr(self, "_jax_mesh"):
+            import jax
+            jax.config.update("jax_platforms", "cpu")
+            from hal.jax_backend import maybe_initialize_distributed
+            maybe_initialize_distributed("auto")
+            from jax.sharding import Mesh
+            devices = sorted(jax.devices(), key=lambda dev: dev.process_index)
+            self._jax_mesh = Mesh(np.array(devices).reshape(self.mesh_sizes["data"], self.mesh_sizes["fsdp"]),
+                                  ("data", "fsdp"))
+        return self._jax_mesh
+
+    def _row_sharded(self, shape) -> bool:
+        return len(shape) > 0 and shape[0] % self.mesh_sizes["fsdp"] == 0
+
+    def _jax_sharding(self, shape):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        return NamedSharding(self._jax_io(), P("fsdp") if self._row_sharded(shape) else P())
+
+    def _resharded(self):
+        """FSDP2 may leave the root unsharded after a forward (eval); parameters are DTensors again after this."""
+        if self.distributed:
+            from torch.distributed.fsdp import FSDPModule
+            for m in self.net.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        return dict(self.net.named_parameters())
+
+    def _sharded_tensors(self) -> dict:
+        """{storage name: torch tensor (DTensor under FSDP2)}."""
+        out = {}
+        for n, p in self._resharded().items():
+            out[f"params/{n}"] = p
+            st = self.opt.state.get(p)
+            if st:
+                out[f"opt/mu/{n}"], out[f"opt/nu/{n}"] = st["exp_avg"], st["exp_avg_sq"]
+            else:
+                out[f"opt/mu/{n}"] = out[f"opt/nu/{n}"] = self._torch.zeros_like(p)
+        return out
+
+    def save(self, path: str) -> dict:
+        if not self.distributed:
+            return super().save(path)
+        import jax
+        tensors = {}
+        for name, t in self._sharded_tensors().items():
+            shape = tuple(t.shape)
+            sharding = self._jax_sharding(shape)
+            local = (self._local(t) if self._row_sharded(shape) else t.full_tensor()).detach().float().cpu().numpy()
+            dev = jax.local_devices()[0]
+            tensors[name] = jax.make_array_from_single_device_arrays(shape, sharding, [jax.device_put(local, dev)])
+        count = max([int(st["step"]) for st in self.opt.state.values()] or [0])
+        tensors["opt/count"] = np.asarray(count, np.int32)
+        store.write_tensors(path, tensors)
+        d = store.digests({k: v for k, v in tensors.items() if k != "opt/count"}, self.allreduce)
+        d["opt/count"] = store.digest(tensors["opt/count"])
+        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in tensors.items()}
+
+    def load(self, path: str, manifest_tensors: dict) -> dict:
+        if not self.distributed:
+            return super().load(path, manifest_tensors)
+        torch = self._torch
+        targets = self._sharded_tensors()
+        missing = sorted(set(targets) - set(manifest_tensors))
+        if missing:
+            raise UserError(f"checkpoint {path} lacks tensors this model needs, e.g. {missing[:2]}")
+        shardings = {k: self._jax_sharding(tuple(t.shape)) for k, t in targets.items()}
+        shardings["opt/count"] = self._jax_sharding(())
+        read = store.read_tensors(path, list(shardings), shardings=shardings)
+        found = store.digests(read, self.allreduce)
+        count = int(np.asarray(read.pop("opt/count").addressable_shards[0].data))
+        named = self._resharded()
+        self.opt.state.clear()
+        with torch.no_grad():
+            for n, p in named.items():
+                vals = {}
+                for key in (f"params/{n}", f"opt/mu/{n}", f"opt/nu/{n}"):
+                    arr = read[key]
+                    local = np.asarray(arr.addressable_shards[0].data)
+                    if not self._row_sharded(arr.shape):       # replicated on read: take this rank's rows
+                        local = self._local(self._to_param_layout(p, local)).cpu().numpy()
+                    vals[key] = torch.from_numpy(np.array(local, np.float32)).to(self.device)
+                self._local(p).copy_(vals[f"params/{n}"])
+                if count > 0:
+                    mu, nu = torch.zeros_like(p), torch.zeros_like(p)
+                    self._local(mu).copy_(vals[f"opt/mu/{n}"])
+                    self._local(nu).copy_(vals[f"opt/nu/{n}"])
+                    self.opt.state[p] = {"step": torch.tensor(float(count)), "exp_avg": mu, "exp_avg_sq": nu}
+        return found
+
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        if not self.distributed:
+            return values
+        torch = self._torch
+        halves = torch.from_numpy(np.ascontiguousarray(values, np.uint64).view(np.uint32).astype(np.int64))
+        parts = [torch.zeros_like(halves) for _ in range(self.process_count)]
+        self._dist.all_gather(parts, halves)
+        stacked = np.stack([p.numpy().astype(np.uint32) for p in parts])
+        return stacked.view(np.uint64).sum(axis=0, dtype=np.uint64)
+
+    def barrier(self, name: str) -> None:
+        if self.distributed:
+            self._dist.barrier()
+
+    # -- compute -------------------------------------------------------------------------------
+    def _mine(self, tokens: np.ndarray):
+        """This rank's rows of each micro-batch, as a long tensor on the device."""
+        t = np.asarray(tokens, np.int64)
+        if self.distributed:
+            per = t.shape[1] // self.process_count
+            t = t[:, self.process_index * per:(self.process_index + 1) * per]
+        return self._torch.from_numpy(np.ascontiguousarray(t)).to(self.device)
+
+    def _mean_over_ranks(self, x):
+        if self.distributed:
+            self._dist.all_reduce(x, op=self._dist.ReduceOp.AVG if self.platform == "gpu" else self._dist.ReduceOp.SUM)
+            if self.platform != "gpu":    # gloo has no AVG
+                x /= self.process_count
+        return x
 
     def _loss(self, tokens):
         with self._autocast():
@@ -103,32 +285,34 @@ class TorchBackend(Backend):
     def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
         torch = self._torch
         self.net.train()
-        batch = torch.from_numpy(np.asarray(tokens, np.int64)).to(self.device)
+        batch = self._mine(tokens)
         accum = batch.shape[0]
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in batch:
             loss = self._loss(micro)
-            (loss / accum).backward()
+            (loss / accum).backward()        # FSDP2 averages gradients over ranks in its reduce-scatter
             total += loss.detach()
-        params = [p for p in self.net.parameters()]
-        grads = [p.grad for p in params]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grads = [p.grad for p in self.net.parameters()]
+        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         # Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm.
         if grad_norm > self.optim.max_grad_norm:
-            torch._foreach_div_(grads, grad_norm)
-            torch._foreach_mul_(grads, self.optim.max_grad_norm)
+            for g in grads:
+                g.div_(grad_norm.item()).mul_(self.optim.max_grad_norm)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        return StepMetrics(loss=float(total / accum), grad_norm=float(grad_norm))
+        loss = self._mean_over_ranks(total / accum)
+        return StepMetrics(loss=float(loss), grad_norm=float(grad_norm))
 
     def eval_loss(self, tokens: np.ndarray) -> float:
         torch = self._torch
         self.net.eval()
         with torch.no_grad():
-            batch = torch.from_numpy(np.asarray(tokens, np.int64)).to(self.device)
-            return float(torch.stack([self._loss(micro) for micro in batch]).mean())
+            batch = self._mine(tokens)
+            return float(self._mean_over_ranks(torch.stack([self._loss(micro) for micro in batch]).mean()))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         torch = self._torch
