@@ -115,3 +115,16 @@ def _torch2_run(tmp_path):
         launch(run, "hal=torch", nproc=2)
         assert writer(run, 10)["process_count"] == 2
     return run
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_activation_checkpointing_computes_the_same(single, tmp_path, fw):
+    train(tmp_path / "remat", f"hal={fw}", *COMMON, "trainer.remat=true")
+    assert rel(losses(tmp_path / "remat"), losses(single[fw])) <= 1e-5
+
+
+def test_bf16_fsdp2_mixed_precision_trains(tmp_path):
+    launch(tmp_path / "run", "hal=torch", "trainer.precision=bf16", nproc=2)
+    ls = losses(tmp_path / "run")
+    assert np.isfinite(ls).all() and ls[-1] < ls[0] - 1.0
+    assert writer(tmp_path / "run", STEPS)["precision"] == "bf16"
