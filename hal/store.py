@@ -67,10 +67,21 @@ def _nested(tensors: dict) -> dict:
     return nest({name.replace("/", "."): value for name, value in tensors.items()})
 
 
+def _use_distributed_barriers() -> None:
+    """orbax's default barriers are device collectives (jax sync_global_devices). Its background threads
+    and the main thread can then issue collectives in different orders on different processes, and a
+    CPU (gloo) run deadlocks. Barriers through the jax.distributed key-value store cannot interleave."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
 def write_tensors(path: str, tensors: dict) -> None:
     """Write {storage name: numpy or jax array} under `path` (which must not exist). Collective: every
     process calls it with its (sharded) arrays; each writes what it owns."""
     import orbax.checkpoint as ocp
+    _use_distributed_barriers()
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(path), _nested(tensors))
 
@@ -86,6 +97,7 @@ def read_tensors(path: str, names: list[str], shardings: dict | None = None) -> 
             return ocp.RestoreArgs(restore_type=np.ndarray)
         return ocp.ArrayRestoreArgs(sharding=shardings[name])
     restore_args = _nested({n: args(n) for n in names})
+    _use_distributed_barriers()
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.abspath(path), restore_args=restore_args)
     flat = flatten(tree)
