@@ -14,15 +14,18 @@ def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32"
     """hal: the `hal` config group (framework, platform, mesh, ...)."""
     framework = hal.get("framework")
     common = dict(platform=hal.get("platform", "auto"), mesh=hal.get("mesh"),
-                  mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"))
+                  mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"),
+                  neuron_cfg=hal.get("neuron"))
     if framework == "jax":
         _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
         from hal.jax_backend import JaxBackend
-        return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"), **common)
+        return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"),
+                          compile_cache_dir=hal.get("compile_cache_dir"), **common)
     if framework == "torch":
         _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")
         from hal.torch_backend import TorchBackend
-        return TorchBackend(model, optim, precision, remat=remat, **common)
+        return TorchBackend(model, optim, precision, remat=remat, compile=bool(hal.get("compile", False)),
+                            compile_backend=hal.get("compile_backend", "inductor"), **common)
     raise UserError(f"unknown framework {framework!r}: use hal=jax or hal=torch")
 
 

@@ -116,6 +116,10 @@ class Backend(abc.ABC):
     process_index = 0
     process_count = 1
 
+    def compilations(self) -> dict:
+        """Compilation counts of the step functions, where the backend compiles them."""
+        return {}
+
     def check_batch(self, micro_batch: int) -> None:
         """Raise UserError if the micro-batch cannot be split over this backend's devices/processes."""
 

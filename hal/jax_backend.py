@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from hal import mesh as meshlib
-from hal import store
+from hal import neuron, store
 from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
 from models.spec import LlamaConfig, flatten, logical_axes, nest, param_shapes
 
@@ -59,8 +59,17 @@ class JaxBackend(Backend):
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
-                 mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto"):
+                 mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto",
+                 compile_cache_dir: str | None = None, neuron_cfg: dict | None = None):
         super().__init__(model, optim, precision)
+        self.hooks = None
+        if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
+            neuron_cfg = neuron_cfg or {}
+            self.hooks = neuron.hooks_for(neuron.select_stack("jax", neuron.NeuronProbe.detect()), precision,
+                                          neuron_cfg.get("cache_dir"), neuron_cfg.get("stochastic_rounding", True),
+                                          instance_type)
+            neuron.apply_env(self.hooks, int(os.environ.get("LOCAL_RANK", "0")),
+                             int(os.environ.get("LOCAL_WORLD_SIZE", "1")), instance_type)
         import jax
         import jax.numpy as jnp
         import optax
@@ -70,6 +79,9 @@ class JaxBackend(Backend):
         maybe_initialize_distributed(distributed)
         self.platform = _select_platform(platform)
         self._jax = jax
+        if compile_cache_dir:   # persistent XLA compile cache: a restart (or a precompile run) fills it
+            jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         n = jax.device_count()
         self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), n)
         self.mesh = jax.make_mesh(tuple(self.mesh_sizes[a] for a in meshlib.AXES), meshlib.AXES,
@@ -143,6 +155,10 @@ class JaxBackend(Backend):
             {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in param_shapes(self.model).items()}))
         adam = abstract[1]
         return (abstract[0], adam._replace(count=self.replicated, mu=p_sh, nu=p_sh), abstract[2])
+
+    def compilations(self) -> dict:
+        """How many times each jitted function compiled (one shape each: 1 and 1)."""
+        return {"train_step": self._train_step._cache_size(), "eval": self._eval_loss._cache_size()}
 
     def describe(self) -> dict:
         jax = self._jax

@@ -9,14 +9,14 @@ import os
 import numpy as np
 
 from hal import mesh as meshlib
-from hal import store
+from hal import neuron, store
 from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
 from models.spec import LlamaConfig, decays
 
 COMM_BACKEND = {"cpu": "gloo", "gpu": "nccl"}
 
 
-def _select_device(platform: str, local_rank: int):
+def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | None"):
     import torch
     if platform == "auto":
         platform = "gpu" if torch.cuda.is_available() else "cpu"
@@ -28,7 +28,12 @@ def _select_device(platform: str, local_rank: int):
                             "install a CUDA build of torch or use hal.platform=cpu")
         torch.cuda.set_device(local_rank)
         return "gpu", torch.device("cuda", local_rank)
-    raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu for hal=torch")
+    if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
+        if hooks.stack == "torch-xla":
+            import torch_xla
+            return "neuron", torch_xla.device()
+        return "neuron", torch.device("neuron", 0)   # NEURON_RT_VISIBLE_CORES maps this rank's cores to 0
+    raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu, neuron for hal=torch")
 
 
 class TorchBackend(Backend):
@@ -36,7 +41,8 @@ class TorchBackend(Backend):
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
-                 mesh_rule: str = "auto", instance_type: str | None = None):
+                 mesh_rule: str = "auto", instance_type: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor", neuron_cfg: dict | None = None):
         super().__init__(model, optim, precision)
         import torch
         import torch.distributed as dist
@@ -44,7 +50,17 @@ class TorchBackend(Backend):
 
         self._torch, self._dist = torch, dist
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.platform, self.device = _select_device(platform, int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.hooks = None
+        if platform == "neuron":
+            neuron_cfg = neuron_cfg or {}
+            stack = neuron.select_stack("torch", neuron.NeuronProbe.detect())
+            self.hooks = neuron.hooks_for(stack, precision, neuron_cfg.get("cache_dir"),
+                                          neuron_cfg.get("stochastic_rounding", True), instance_type)
+            neuron.apply_env(self.hooks, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), instance_type)
+            COMM_BACKEND["neuron"] = self.hooks.process_group_backend
+            compile_backend = self.hooks.compile_backend or compile_backend
+        self.platform, self.device = _select_device(platform, local_rank, self.hooks)
         self.distributed = world > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(COMM_BACKEND[self.platform])
@@ -59,7 +75,11 @@ class TorchBackend(Backend):
             net = LlamaForCausalLM(model)
         net.activation_checkpointing = remat
         self.device_mesh = None
-        if self.distributed:
+        if compile:   # per block, as torchtitan does: one graph reused by every block
+            for layer in net.model.layers:
+                layer.compile(backend=compile_backend)
+        self.compiled = compile
+        if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
             net = self._fully_shard(net)
         self.net = net.to_empty(device=self.device)
         self._cross_entropy = cross_entropy
@@ -96,9 +116,27 @@ class TorchBackend(Backend):
                             f"({self.process_count})")
 
     def _autocast(self):
-        if self.precision == "bf16" and not self.distributed:   # FSDP2 casts through its MixedPrecisionPolicy
-            return self._torch.autocast(device_type=self.device.type, dtype=self._torch.bfloat16)
+        if self.precision == "bf16" and not self.device_mesh:   # FSDP2 casts through its MixedPrecisionPolicy
+            device_type = self.hooks.autocast_device if self.hooks else self.device.type
+            return self._torch.autocast(device_type=device_type, dtype=self._torch.bfloat16)
         return contextlib.nullcontext()
+
+    def compilations(self) -> dict:
+        """Graphs torch.compile made so far (a number that stops growing once shapes are static)."""
+        if not self.compiled:
+            return {}
+        from torch._dynamo.utils import counters
+        return {"graphs": int(counters["stats"]["unique_graphs"])}
+
+    def _optimizer_step(self) -> None:
+        if self.hooks is not None and self.hooks.optimizer_step == "xm.optimizer_step":
+            import torch_xla.core.xla_model as xm
+            xm.optimizer_step(self.opt)        # all-reduces gradients over the replicas, then steps
+        else:
+            self.opt.step()
+        if self.hooks is not None and self.hooks.step_barrier == "torch_xla.sync":
+            import torch_xla
+            torch_xla.sync()                   # cut the lazy graph here: one compiled step per step
 
     def describe(self) -> dict:
         torch = self._torch
@@ -107,7 +145,8 @@ class TorchBackend(Backend):
         return {"framework": "torch", "platform": self.platform, "versions": {"torch": torch.__version__},
                 "devices": devices, "device_count": self.process_count, "process_count": self.process_count,
                 "precision": self.precision, "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
-                "comm_backend": COMM_BACKEND[self.platform] if self.distributed else None}
+                "comm_backend": COMM_BACKEND[self.platform] if self.distributed else None,
+                "neuron_stack": self.hooks.stack if self.hooks else None}
 
     # -- state ---------------------------------------------------------------------------------
     def _to_param_layout(self, p, full: np.ndarray):
@@ -303,7 +342,7 @@ class TorchBackend(Backend):
                 g.div_(grad_norm.item()).mul_(self.optim.max_grad_norm)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.step()
+        self._optimizer_step()
         loss = self._mean_over_ranks(total / accum)
         return StepMetrics(loss=float(loss), grad_norm=float(grad_norm))
 

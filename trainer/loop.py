@@ -188,6 +188,9 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     else:
         backend.set_state(HostState.fresh(reference_init(run.model, run.seed)))
 
+    if cfg["trainer"].get("precompile", False):
+        return _precompile(backend, data, run, start_step)
+
     metrics_path = run.run_dir / "metrics.jsonl"
     if lead:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +243,23 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
                 log.info("checkpoint %s", path)
     if bar:
         bar.close()
-    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last}
+    compilations = backend.compilations()
+    if compilations:
+        log.info("compilations: %s", compilations)
+    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last, "compilations": compilations}
+
+
+def _precompile(backend, data: TokenData, run: Run, start_step: int) -> dict:
+    """Trial run: compile the train and eval steps at the run's shapes (filling the persistent compile
+    cache: XLA's, Neuron's) without changing anything on disk — no metrics, no checkpoint."""
+    tokens = data.train_batch(start_step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
+    t0 = time.perf_counter()
+    backend.train_step(tokens, 0.0)       # lr 0: a trial step, and nothing is saved anyway
+    evaluate(backend, data, run)
+    compilations = backend.compilations()
+    log.info("precompiled the train and eval steps in %.1fs: %s", time.perf_counter() - t0, compilations or "-")
+    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": {}, "compilations": compilations,
+            "precompile": True}
 
 
 def evaluate(backend, data: TokenData, run: Run) -> float:
