@@ -113,3 +113,15 @@ def test_precompile_trial_run_writes_nothing(tmp_path):
     assert summary["precompile"] and summary["compilations"]["train_step"] == 1
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
     assert any(cache.iterdir())           # the persistent compile cache was filled
+
+
+def test_info_lists_targets():
+    import json
+    r = cli("launch.info", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["targets"]["cpu"]["jax"] and info["targets"]["cpu"]["torch"]
+    assert not info["targets"]["neuron"]["torch"] and "torch-neuronx" in info["targets"]["neuron"]["install"]
+    assert not info["targets"]["tpu"]["jax"]
+    r = cli("launch.info")
+    assert "neuron" in r.stdout and "ready" in r.stdout
