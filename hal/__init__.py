@@ -5,7 +5,7 @@ machine never imports jax for training and the reverse).
 """
 from __future__ import annotations
 
-from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
+from hal.base import Backend, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, StepMetrics, UserError
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -36,4 +36,5 @@ def _require(*modules: str, hint: str) -> None:
         raise UserError(f"{', '.join(missing)} not installed: {hint}")
 
 
-__all__ = ["Backend", "HostState", "OptimizerSpec", "StepMetrics", "UserError", "make_backend", "FRAMEWORKS"]
+__all__ = ["Backend", "CheckpointSaveError", "HostState", "NonFiniteError", "OptimizerSpec", "StepMetrics",
+           "UserError", "make_backend", "FRAMEWORKS"]

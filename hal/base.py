@@ -14,7 +14,19 @@ from models.spec import LlamaConfig, decays
 
 
 class UserError(Exception):
-    """A problem the user fixes by changing a config value, a path or an install: printed as one line."""
+    """A problem the user fixes by changing a config value, a path or an install: printed as one line,
+    and the process exits with `exit_code`."""
+    exit_code = 2
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, file size limit, permissions); older ones are intact."""
+    exit_code = 3
+
+
+class NonFiniteError(UserError):
+    """The loss or gradient went NaN/inf and the policy is to stop; the last good checkpoint is kept."""
+    exit_code = 4
 
 
 @dataclasses.dataclass
@@ -71,6 +83,7 @@ class HostState:
 class StepMetrics:
     loss: float
     grad_norm: float
+    skipped: bool = False   # the update was not applied (non-finite loss or gradient)
 
 
 class Backend(abc.ABC):

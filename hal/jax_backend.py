@@ -79,6 +79,8 @@ class JaxBackend(Backend):
         maybe_initialize_distributed(distributed)
         self.platform = _select_platform(platform)
         self._jax = jax
+        if precision == "fp32":   # GPUs default to TF32-class matmuls; fp32 means fp32 (parity with torch)
+            jax.config.update("jax_default_matmul_precision", "highest")
         if compile_cache_dir:   # persistent XLA compile cache: a restart (or a precompile run) fills it
             jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -123,9 +125,13 @@ class JaxBackend(Backend):
                 (loss, grads), _ = jax.lax.scan(micro, zero, tokens)
                 loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-            return params, opt_state, loss, grad_norm
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+            # A non-finite loss or gradient never reaches the state: the update (and count) is skipped.
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state),
+                    loss, grad_norm)
 
         def eval_loss(params, tokens):
             return jax.lax.map(lambda tok: loss_fn(params, tok), tokens).mean()
@@ -245,7 +251,8 @@ class JaxBackend(Backend):
         batch = self._put(np.asarray(tokens, np.int32), self.batch_sharding)
         self.params, self.opt_state, loss, grad_norm = self._train_step(
             self.params, self.opt_state, batch, np.float32(lr))
-        return StepMetrics(loss=float(loss), grad_norm=float(grad_norm))
+        loss, grad_norm = float(loss), float(grad_norm)
+        return StepMetrics(loss=loss, grad_norm=grad_norm, skipped=not (np.isfinite(loss) and np.isfinite(grad_norm)))
 
     def eval_loss(self, tokens: np.ndarray) -> float:
         return float(self._eval_loss(self.params, self._put(np.asarray(tokens, np.int32), self.batch_sharding)))

@@ -98,8 +98,9 @@ def read_tensors(path: str, names: list[str], shardings: dict | None = None) -> 
         return ocp.ArrayRestoreArgs(sharding=shardings[name])
     restore_args = _nested({n: args(n) for n in names})
     _use_distributed_barriers()
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(os.path.abspath(path), restore_args=restore_args)
+    with ocp.PyTreeCheckpointer() as ckptr:   # partial_restore: read only the named tensors
+        tree = ckptr.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
+            item=_nested({n: 0 for n in names}), restore_args=restore_args, partial_restore=True))
     flat = flatten(tree)
     del jax
     return {n: flat[n.replace("/", ".")] for n in names}

@@ -68,8 +68,12 @@ class TorchBackend(Backend):
         self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type),
                                                            world)
         if self.mesh_sizes["tensor"] != 1:
-            raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
-                            f"now: set hal.mesh.tensor=1 (mesh {self.mesh_sizes})")
+            if mesh:   # asked for explicitly
+                raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
+                                f"now: set hal.mesh.tensor=1 (mesh {self.mesh_sizes})")
+            # a platform rule's tensor axis (e.g. Trainium's TP inside a chip): FSDP over those cores instead
+            self.mesh_sizes = dict(self.mesh_sizes, fsdp=self.mesh_sizes["fsdp"] * self.mesh_sizes["tensor"], tensor=1)
+            self.mesh_source += " (tensor axis folded into fsdp: torch has no tensor parallelism yet)"
 
         with torch.device("meta"):
             net = LlamaForCausalLM(model)
@@ -336,15 +340,19 @@ class TorchBackend(Backend):
         grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm.
-        if grad_norm > self.optim.max_grad_norm:
-            for g in grads:
-                g.div_(grad_norm.item()).mul_(self.optim.max_grad_norm)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self._optimizer_step()
-        loss = self._mean_over_ranks(total / accum)
-        return StepMetrics(loss=float(loss), grad_norm=float(grad_norm))
+        loss = float(self._mean_over_ranks(total / accum))
+        norm = float(grad_norm)
+        # A non-finite loss or gradient never reaches the state: the update (and its count) is skipped.
+        skipped = not (np.isfinite(loss) and np.isfinite(norm))
+        if not skipped:
+            # Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm.
+            if norm > self.optim.max_grad_norm:
+                for g in grads:
+                    g.div_(norm).mul_(self.optim.max_grad_norm)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self._optimizer_step()
+        return StepMetrics(loss=loss, grad_norm=norm, skipped=skipped)
 
     def eval_loss(self, tokens: np.ndarray) -> float:
         torch = self._torch

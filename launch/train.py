@@ -6,6 +6,7 @@ and exit code 2, before any compute.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -17,9 +18,9 @@ from hal import UserError
 EXIT_USER_ERROR = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(code)
 
 
 def _one_line(e: Exception) -> str:
@@ -63,11 +64,36 @@ def precheck(argv: list[str]) -> None:
         _fail(_one_line(e))
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed orbax write, tensorstore still calls back into orbax's closed asyncio loop, and each
+    callback prints 'RuntimeError: Event loop is closed' with a traceback. They carry no information the
+    one-line error lacks; they go to the log file."""
+    default_hook, default_excepthook = sys.unraisablehook, sys.excepthook
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    def unraisable(u):
+        if closed_loop(u.exc_value):
+            logging.getLogger("trichip").debug("ignored after a failed write: %s", u.exc_value)
+        else:
+            default_hook(u)
+
+    def excepthook(kind, value, tb):
+        if not closed_loop(value):
+            default_excepthook(kind, value, tb)
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     from trainer.loop import train
     for noisy in ("absl", "jax._src", "orbax"):   # orbax logs every save at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_closed_loop_callbacks()
+    for handler in logging.getLogger().handlers:   # library tracebacks go to the log file, not the terminal
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(lambda record: not record.name.startswith(("absl", "orbax", "jax")))
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:
@@ -75,11 +101,19 @@ def main(cfg: DictConfig) -> dict:
         _fail(f"{key} has no value: set it on the command line ({key}=...)")
     try:
         return train(plain, HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))
-    except UserError as e:
+    except UserError as e:   # exit codes: 2 fix the input, 3 checkpoint write failed, 4 non-finite loss
         logging.getLogger("trichip").error("%s", e)
-        _fail(str(e))
+        _fail(str(e), e.exit_code)
+
+
+def require_shared_run_dir(argv: list[str]) -> None:
+    """Several processes resolve `${now:...}` each on its own clock: they must be given one run dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(
+            a.startswith(("run_dir=", "hydra.run.dir=")) for a in argv):
+        _fail("a multi-process run needs an explicit run_dir=... shared by every process")
 
 
 if __name__ == "__main__":
+    require_shared_run_dir(sys.argv[1:])
     precheck(sys.argv[1:])
     main()

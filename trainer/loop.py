@@ -13,16 +13,19 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from hal import FRAMEWORKS, HostState, OptimizerSpec, UserError, make_backend
+from hal import (FRAMEWORKS, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, UserError,
+                 make_backend)
 from models.spec import LlamaConfig, num_params, reference_init
 from trainer import checkpoint
 from trainer.data import TokenData
+from trainer.safety import RunLock, StopRequest
 from trainer.schedule import learning_rate
 
 log = logging.getLogger("trichip")
@@ -79,7 +82,7 @@ class Run:
         if t.get("precision") not in ("fp32", "bf16"):
             raise UserError(f"trainer.precision must be fp32 or bf16, got {t.get('precision')!r}")
         o = cfg["optim"]
-        self.peak_lr = _number(cfg, "optim", "lr", 0.0, 10.0)
+        self.peak_lr = _number(cfg, "optim", "lr", 0.0, 3.0e38)
         self.warmup = _positive_int(cfg, "optim", "warmup_steps", allow_zero=True)
         self.min_lr_ratio = _number(cfg, "optim", "min_lr_ratio", 0.0, 1.0)
         if o.get("schedule") not in ("cosine", "linear", "constant"):
@@ -88,6 +91,9 @@ class Run:
                                    eps=_number(cfg, "optim", "eps", 0.0, 1.0),
                                    weight_decay=_number(cfg, "optim", "weight_decay", 0.0, 10.0),
                                    max_grad_norm=_number(cfg, "optim", "max_grad_norm", 1e-12, 1e12))
+        for key, allowed in (("on_nonfinite", ("stop", "skip")), ("on_save_error", ("stop", "continue"))):
+            if t.get(key, allowed[0]) not in allowed:
+                raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}")
         self.seed = cfg.get("seed", 0)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -129,7 +135,13 @@ def _metrics_upto(path: Path, step: int) -> None:
     """Drop metric lines past `step` (written after the checkpoint we resume from): no step twice."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass            # a line cut short by a crash mid-write
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -158,37 +170,80 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     run = Run(cfg, run_dir)
     data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size,
                      cfg["data"].get("eval_fraction", 0.05))
-    # Find the starting state before building the backend: bad checkpoints fail before any compute.
-    start_step, state, source = 0, None, "reference init"
-    resume_steps = checkpoint.list_steps(run.ckpt_root) if cfg["trainer"].get("resume", True) else []
-    if resume_steps:
-        ckpt = run.ckpt_root / str(resume_steps[-1])
-        run.check_model(ckpt, checkpoint.read_manifest(ckpt))
+    t = cfg["trainer"]
+    # Check the starting checkpoint before building the backend: a wrong model fails before any compute.
+    candidates = checkpoint.list_steps(run.ckpt_root)[::-1] if t.get("resume", True) else []
+    if candidates:
+        run.check_model(run.ckpt_root / str(candidates[0]), _manifest_or_none(run.ckpt_root / str(candidates[0])))
     elif run.init_from:
-        ckpt = run.init_ckpt
-        run.check_model(ckpt, checkpoint.read_manifest(ckpt))
-    else:
-        ckpt = None
+        run.check_model(run.init_ckpt, checkpoint.read_manifest(run.init_ckpt))
 
-    backend = make_backend(cfg["hal"], run.model, run.optim, cfg["trainer"]["precision"],
-                           bool(cfg["trainer"].get("remat", False)))
+    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], bool(t.get("remat", False)))
     backend.check_batch(run.micro_batch)
     lead = backend.process_index == 0
     if not lead:
         log.setLevel(logging.WARNING)     # one process reports; all of them train
+    lock = RunLock(run.run_dir).acquire() if lead and not t.get("precompile", False) else None
+    try:
+        return _train(cfg, run, data, backend, candidates, config_yaml)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _manifest_or_none(ckpt: Path) -> dict | None:
+    try:
+        return checkpoint.read_manifest(ckpt)
+    except UserError:
+        return None        # damaged: the resume below falls back to an older checkpoint
+
+
+def _restore(run: Run, backend, candidates: list[int], strict: bool) -> tuple[int, str]:
+    """Load the newest good checkpoint of the run dir; warn and fall back past damaged ones."""
+    for step in candidates:
+        ckpt = run.ckpt_root / str(step)
+        try:
+            manifest = checkpoint.load(ckpt, backend)
+            run.check_model(ckpt, manifest)
+            return manifest["step"], _describe_source(ckpt, manifest)
+        except UserError as e:
+            if strict or isinstance(e, UserError) and "another model" in str(e):
+                raise
+            log.warning("%s — falling back to the previous checkpoint", e)
+        except Exception as e:   # unreadable tensors: truncated or missing files, corrupt OCDBT
+            if strict:
+                raise UserError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            log.warning("checkpoint %s cannot be read (%s) — falling back to the previous checkpoint",
+                        ckpt, type(e).__name__)
+    return -1, ""
+
+
+def _describe_source(ckpt: Path, manifest: dict) -> str:
+    w = manifest["writer"]
+    return f"{ckpt} (step {manifest['step']}, written by {w['framework']} on {w['platform']}, mesh {w.get('mesh')})"
+
+
+def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int], config_yaml: str) -> dict:
+    t = cfg["trainer"]
+    lead = backend.process_index == 0
     info = backend.describe()
-    if ckpt is not None:
-        manifest = checkpoint.load(ckpt, backend)
-        if ckpt.parent == run.ckpt_root or not cfg["trainer"].get("init_weights_only", False):
-            start_step = manifest["step"]
-        else:
+    start_step, source = -1, "reference init"
+    if candidates:
+        start_step, source = _restore(run, backend, candidates, bool(t.get("strict_resume", False)))
+        if start_step < 0:
+            log.warning("no readable checkpoint in %s: starting from the reference init", run.ckpt_root)
+    elif run.init_from:
+        manifest = checkpoint.load(run.init_ckpt, backend)
+        start_step, source = manifest["step"], _describe_source(run.init_ckpt, manifest)
+        if t.get("init_weights_only", False):
+            start_step = 0
             backend.set_state(HostState.fresh(backend.get_state().params))
-        source = f"{ckpt} (step {manifest['step']}, written by {manifest['writer']['framework']} on " \
-                 f"{manifest['writer']['platform']}, mesh {manifest['writer'].get('mesh')})"
-    else:
+    if start_step < 0:
+        start_step = 0
         backend.set_state(HostState.fresh(reference_init(run.model, run.seed)))
 
-    if cfg["trainer"].get("precompile", False):
+    if t.get("precompile", False):
         return _precompile(backend, data, run, start_step)
 
     metrics_path = run.run_dir / "metrics.jsonl"
@@ -203,16 +258,37 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     log.info("%s on %s: %d device(s) in %d process(es), mesh %s (%s)", info["framework"], info["platform"],
              info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
     log.info("%s params, %d steps of %d tokens; start at step %d from %s",
-             f"{num_params(run.model):,}", run.steps, tokens_per_step,
-             start_step, source)
+             f"{num_params(run.model):,}", run.steps, tokens_per_step, start_step, source)
     log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
 
     meta = {"model": run.model.to_dict(), "writer": info,
             "data": {"path": cfg["data"]["path"], "seed": run.seed, "next_step": None},
             "rng": {"seed": run.seed}}
+    on_nonfinite, on_save_error = t.get("on_nonfinite", "stop"), t.get("on_save_error", "stop")
+
+    def save(done: int) -> None:
+        try:
+            path = checkpoint.save(run.ckpt_root, done, backend,
+                                   dict(meta, data=dict(meta["data"], next_step=done)), config_yaml)
+        except (OSError, ValueError, RuntimeError) as e:   # orbax/tensorstore report I/O errors as ValueError
+            if lead:
+                checkpoint.prune(run.ckpt_root, run.keep)   # removes the half-written temp dir
+            good = checkpoint.list_steps(run.ckpt_root)
+            reason = _io_reason(e)
+            msg = (f"checkpoint at step {done} failed ({reason}); earlier checkpoints are intact "
+                   f"(latest: {good[-1] if good else 'none'})")
+            if on_save_error == "continue":
+                log.error("%s; training goes on (trainer.on_save_error=continue)", msg)
+                return
+            raise CheckpointSaveError(msg + "; free space or set trainer.on_save_error=continue") from None
+        if lead:
+            checkpoint.prune(run.ckpt_root, run.keep)
+        log.info("checkpoint %s", path)
+
     bar = _progress(run.steps, start_step) if lead else None
-    last = {}
-    with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, _redirect_logging(bar):
+    last, saved_at, preempted = {}, start_step, ""
+    with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, \
+            _redirect_logging(bar), StopRequest() as stop:
         for step in range(start_step, run.steps):
             t0 = time.perf_counter()
             tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
@@ -222,10 +298,19 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
             done = step + 1
             last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
                     "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+            if m.skipped:
+                last["skipped"] = True
             if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
                 last["eval_loss"] = evaluate(backend, data, run)
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
+            if m.skipped:
+                if on_nonfinite == "stop":
+                    raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
+                                         f"{done}; the update was not applied and the last good checkpoint is kept "
+                                         f"(set trainer.on_nonfinite=skip to skip such steps)")
+                log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped", done, m.loss,
+                            m.grad_norm)
             if done % run.log_every == 0 or done == run.steps or "eval_loss" in last:
                 line = (f"step {done}/{run.steps} | loss {m.loss:.4f} | lr {lr:.3g} | grad_norm {m.grad_norm:.3f}"
                         f" | {last['tokens_per_s']:,.0f} tok/s")
@@ -236,17 +321,37 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
                 bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
-                path = checkpoint.save(run.ckpt_root, done, backend,
-                                       dict(meta, data=dict(meta["data"], next_step=done)), config_yaml)
-                if lead:
-                    checkpoint.prune(run.ckpt_root, run.keep)
-                log.info("checkpoint %s", path)
+                save(done)
+                saved_at = done
+            if _agreed_stop(backend, stop.signum is not None):
+                if saved_at != done:
+                    save(done)
+                preempted = stop.name or "a signal on another process"
+                log.info("stopped by %s at step %d: checkpoint written; run the same command to resume",
+                         preempted, done)
+                break
     if bar:
         bar.close()
     compilations = backend.compilations()
     if compilations:
         log.info("compilations: %s", compilations)
-    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last, "compilations": compilations}
+    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last, "compilations": compilations,
+            "preempted": preempted}
+
+
+def _io_reason(e: Exception) -> str:
+    """The OS error behind a failed write, also when tensorstore reports it inside a ValueError."""
+    if getattr(e, "strerror", None):
+        return e.strerror
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(code.group(1))) if code else (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+
+
+def _agreed_stop(backend, requested: bool) -> bool:
+    """Every process stops after the same step: the request of any one is shared with all."""
+    if backend.process_count == 1:
+        return requested
+    return bool(backend.allreduce(np.array([int(requested)], np.uint64))[0])
 
 
 def _precompile(backend, data: TokenData, run: Run, start_step: int) -> dict:

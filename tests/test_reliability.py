@@ -1,0 +1,188 @@
+"""Preemption signals, damaged checkpoints, failing saves, NaNs and concurrent runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, cli, metrics
+
+FAST = ["trainer.global_batch=4", "trainer.seq_len=32", "trainer.log_every=5"]
+
+
+def one_error_line(r, code):
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+def _popen(*args):
+    return subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(run, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-3000:])
+        try:
+            if len(metrics(run)) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("run did not reach step %d" % step)
+
+
+@pytest.mark.parametrize("fw,sig", [("jax", signal.SIGTERM), ("torch", signal.SIGINT)])
+def test_preemption_signal_checkpoints_and_exits_0(tmp_path, fw, sig):
+    run = tmp_path / "run"
+    p = _popen(f"hal={fw}", "trainer.steps=100000", "trainer.checkpoint_every=0", *FAST, f"run_dir={run}")
+    _wait_for_step(run, 3, p)
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    stopped = [ln for ln in out.splitlines() if f"stopped by {signal.Signals(sig).name}" in ln]
+    assert len(stopped) == 1
+    steps = [m["step"] for m in metrics(run)]
+    ckpts = sorted(int(p.name) for p in (run / "checkpoints").iterdir())
+    assert ckpts == [steps[-1]]                     # a checkpoint of the last finished step
+    # and it resumes from there
+    r = cli("launch.train", f"hal={fw}", f"trainer.steps={steps[-1] + 2}", "trainer.checkpoint_every=0", *FAST,
+            f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in metrics(run)] == list(range(1, steps[-1] + 3))
+
+
+def test_second_signal_exits_at_once_without_damage(tmp_path):
+    run = tmp_path / "run"
+    slow = ["model=small", "trainer.global_batch=8", "trainer.seq_len=128"]      # steps of about a second
+    p = _popen("hal=torch", "trainer.steps=100000", "trainer.checkpoint_every=1", *slow, f"run_dir={run}")
+    _wait_for_step(run, 2, p)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.3)            # mid-step (two signals sent together would arrive as one)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "second SIGTERM: exiting now" in out
+    # the newest complete checkpoint is whole: a resume uses it
+    r = cli("launch.train", "hal=torch", "trainer.steps=2", "trainer.checkpoint_every=1", *slow,
+            "trainer.strict_resume=true", f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    run = tmp_path_factory.mktemp("damage") / "run"
+    r = cli("launch.train", "hal=jax", "trainer.steps=4", "trainer.checkpoint_every=2", *FAST, f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _largest_data_file(ckpt):
+    files = [p for p in (ckpt / "state").rglob("*") if p.is_file() and "d" in p.parent.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_checkpoint_falls_back_with_a_warning(two_checkpoints, tmp_path, damage):
+    run = _copy(two_checkpoints, tmp_path / "run")
+    newest = run / "checkpoints" / "4"
+    if damage == "flip":
+        f = _largest_data_file(newest)
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f = _largest_data_file(newest)
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "delete":
+        _largest_data_file(newest).unlink()
+    else:
+        m = json.loads((newest / "manifest.json").read_text())
+        m["tensors"]["params/model.norm.weight"]["digest"] += 1
+        (newest / "manifest.json").write_text(json.dumps(m))
+    r = cli("launch.train", "hal=torch", "trainer.steps=6", "trainer.checkpoint_every=2", *FAST, f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "falling back to the previous checkpoint" in r.stdout + r.stderr
+    assert "checkpoints/4" in (r.stdout + r.stderr)
+    log = (run / "train.log").read_text()
+    assert "start at step 2 from" in log
+    # strict: stop instead, naming the checkpoint
+    run2 = _copy(two_checkpoints, tmp_path / "run2")
+    m = json.loads((run2 / "checkpoints" / "4" / "manifest.json").read_text())
+    m["tensors"]["opt/mu/model.norm.weight"]["digest"] += 1
+    (run2 / "checkpoints" / "4" / "manifest.json").write_text(json.dumps(m))
+    line = one_error_line(cli("launch.train", "hal=jax", "trainer.strict_resume=true", *FAST, f"run_dir={run2}"), 2)
+    assert "checkpoints/4" in line and "opt/mu/model.norm.weight" in line
+
+
+def test_a_save_that_fails_half_way_keeps_earlier_checkpoints(two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    cmd = (f"ulimit -f 200; exec {sys.executable} -m launch.train hal=jax trainer.steps=6 "
+           f"trainer.checkpoint_every=2 {' '.join(FAST)} run_dir={run}")
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = one_error_line(r, 3)
+    assert "checkpoint at step" in line and "intact" in line
+    after = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    assert {p: b for p, b in after.items() if p in before} == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+    # policy "continue": training goes on to the end
+    cmd = cmd.replace("trainer.steps=6", "trainer.steps=6 trainer.on_save_error=continue")
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(metrics(run)) == 6
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_nonfinite_loss_stop_or_skip(tmp_path, fw):
+    boom = ["optim.lr=1e30", "optim.warmup_steps=0", "trainer.checkpoint_every=1"]
+    r = cli("launch.train", f"hal={fw}", "trainer.steps=8", *boom, *FAST, f"run_dir={tmp_path}/stop")
+    line = one_error_line(r, 4)
+    bad = [m for m in metrics(tmp_path / "stop") if m.get("skipped")]
+    assert len(bad) == 1 and f"at step {bad[0]['step']}" in line
+    ckpts = sorted(int(p.name) for p in (tmp_path / "stop" / "checkpoints").iterdir())
+    assert ckpts[-1] == bad[0]["step"] - 1          # the last good step's checkpoint is kept
+
+    r = cli("launch.train", f"hal={fw}", "trainer.steps=8", "trainer.on_nonfinite=skip", *boom, *FAST,
+            f"run_dir={tmp_path}/skip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(tmp_path / "skip")
+    assert len(rows) == 8 and any(m.get("skipped") for m in rows)
+    manifest = json.loads((tmp_path / "skip" / "checkpoints" / "8" / "manifest.json").read_text())
+    first_bad = min(m["step"] for m in rows if m.get("skipped"))
+    # the skipped updates never reached the state: the update count stopped at the last finite step
+    from hal.store import read_tensors
+    count = int(read_tensors(str(tmp_path / "skip" / "checkpoints" / "8" / "state"), ["opt/count"])["opt/count"])
+    assert count == first_bad - 1 + sum(1 for m in rows if m["step"] > first_bad and not m.get("skipped"))
+    assert manifest["step"] == 8
+
+
+def test_second_run_on_the_same_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    p = _popen("hal=jax", "trainer.steps=100000", "trainer.checkpoint_every=0", *FAST, f"run_dir={run}")
+    try:
+        _wait_for_step(run, 1, p)
+        line = one_error_line(cli("launch.train", "hal=torch", *FAST, f"run_dir={run}"), 2)
+        assert f"pid {p.pid}" in line and "in use" in line
+    finally:
+        p.kill()
+        p.wait()
+    # a run that died does not leave the lock stuck
+    r = cli("launch.train", "hal=torch", "trainer.steps=3", "trainer.checkpoint_every=0", *FAST, "trainer.resume=false",
+            f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
