@@ -1,0 +1,410 @@
+"""python -m launch.convert <verb> ... — move Llama weights between trichip checkpoints and Hugging Face
+directories, and check what a checkpoint holds and computes.
+
+  inspect CKPT                  what a checkpoint holds, from its manifest (reads no tensor)
+  verify CKPT                   read every tensor; check shape, dtype and digest against the manifest
+  from-hf HF_DIR OUT            a LlamaForCausalLM directory -> OUT/0/, a checkpoint at step 0 with fresh
+                                optimizer state (train from it: launch.train trainer.init_from=OUT)
+  to-hf CKPT HF_DIR             a checkpoint's parameters -> a directory transformers loads
+  score MODEL --tokens T.npy --out LOGITS.npy
+  compare A B [--tokens T.npy]  logits of two models (checkpoints or HF dirs, on one framework or two)
+
+CKPT is a checkpoint directory, or a run or checkpoints directory (its latest checkpoint is used);
+MODEL, A and B are a CKPT or a Hugging Face directory. Exit codes: 0 done / checks passed, 1 a check
+failed (verify, compare), 2 something to fix in the command (printed as one line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hal import FRAMEWORKS, HostState, OptimizerSpec, UserError, make_backend
+from models import hf
+from models.spec import SIZES, LlamaConfig, num_params, param_shapes
+from trainer import checkpoint
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR = 0, 1, 2
+PROG = "python -m launch.convert"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one `error:` line (exit 2) like every other trichip error."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+# -- reading models ---------------------------------------------------------------------------------
+
+def _model_config(manifest: dict, ckpt: Path) -> LlamaConfig:
+    try:
+        return LlamaConfig.from_dict(manifest["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {ckpt}: its manifest's model spec is unusable ({e})") from None
+
+
+def _read_tensors(ckpt: Path, manifest: dict, names: list[str]) -> dict[str, np.ndarray]:
+    """The named tensors of a checkpoint as host arrays (only those are read), each checked against its
+    manifest digest."""
+    from hal import store
+    tensors = store.read_tensors(str(ckpt / "state"), names)
+    for name, array in tensors.items():
+        if store.digest(np.asarray(array)) != manifest["tensors"][name]["digest"]:
+            raise UserError(f"checkpoint {ckpt}: tensor {name} does not match its manifest digest; "
+                            f"the checkpoint is damaged")
+    return tensors
+
+
+def read_checkpoint_params(path) -> tuple[LlamaConfig, dict[str, np.ndarray], Path, dict]:
+    """(model config, {canonical name: float32}, checkpoint dir, manifest), digests verified; the
+    optimizer moments are not read."""
+    ckpt = checkpoint.resolve(path)
+    manifest = checkpoint.read_manifest(ckpt)
+    cfg = _model_config(manifest, ckpt)
+    names = [f"params/{n}" for n in param_shapes(cfg)]
+    missing = [n for n in names if n not in manifest["tensors"]]
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks parameters of its own model spec, e.g. {missing[:2]}")
+    tensors = _read_tensors(ckpt, manifest, names)
+    params = {n: np.asarray(tensors[f"params/{n}"], np.float32) for n in param_shapes(cfg)}
+    return cfg, params, ckpt, manifest
+
+
+def read_model(path) -> tuple[LlamaConfig, dict[str, np.ndarray], str]:
+    """A trichip checkpoint (or run dir) or a Hugging Face directory -> (config, params, description)."""
+    p = Path(path)
+    if hf.is_hf_dir(p):
+        cfg, params = hf.read_hf_dir(p)
+        return cfg, params, f"{p} (Hugging Face)"
+    if not p.exists():
+        raise UserError(f"{p} does not exist")
+    try:
+        ckpt = checkpoint.resolve(p)
+    except UserError:
+        raise UserError(f"{p} is neither a trichip checkpoint (or run dir) nor a Hugging Face model "
+                        f"directory (no {checkpoint.MANIFEST}, no {hf.CONFIG})") from None
+    cfg, params, ckpt, manifest = read_checkpoint_params(ckpt)
+    return cfg, params, f"{ckpt} (trichip, step {manifest['step']})"
+
+
+def model_logits(framework: str, cfg: LlamaConfig, params: dict, tokens: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] of `params` on one framework's backend."""
+    backend = make_backend({"framework": framework}, cfg, OptimizerSpec())
+    backend.set_state(HostState.fresh(params))
+    return np.asarray(backend.logits(tokens), np.float32)
+
+
+def load_tokens(path, cfg: LlamaConfig) -> tuple[np.ndarray, bool]:
+    """int32 [B, T] tokens from a .npy file (a [T] file is one sequence); returns (tokens, was_1d)."""
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokens {path}: cannot read it as a .npy array ({e})") from None
+    if not isinstance(tokens, np.ndarray):
+        raise UserError(f"--tokens {path} is not a single .npy array")
+    if tokens.dtype.kind not in "iu" or tokens.ndim not in (1, 2) or tokens.size == 0:
+        raise UserError(f"--tokens {path} holds {tokens.dtype} {list(tokens.shape)}; expected integers [B, T] or [T]")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise UserError(f"--tokens {path} has ids in [{tokens.min()}, {tokens.max()}], outside the model's "
+                        f"vocabulary [0, {cfg.vocab_size})")
+    if tokens.shape[-1] > cfg.max_position_embeddings:
+        raise UserError(f"--tokens {path} has sequences of {tokens.shape[-1]} tokens, more than the model's "
+                        f"max_position_embeddings ({cfg.max_position_embeddings})")
+    return np.atleast_2d(tokens).astype(np.int32), tokens.ndim == 1
+
+
+def _check_new_file(path: Path) -> None:
+    if path.exists():
+        raise UserError(f"{path} already exists; choose a new path or remove it")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} is not a directory")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _size_name(cfg: LlamaConfig) -> str | None:
+    return next((name for name, c in SIZES.items() if c == cfg), None)
+
+
+def train_overrides(cfg: LlamaConfig) -> list[str]:
+    """launch.train overrides that build this model: a published size by name, else tiny and the differences
+    (launch.train's init_from refuses a checkpoint whose model differs from the run's)."""
+    name = _size_name(cfg)
+    if name:
+        return [f"model={name}"]
+    base, out = SIZES["tiny"].to_dict(), ["model=tiny"]
+    for key, value in cfg.to_dict().items():
+        if value == base[key]:
+            continue
+        if isinstance(value, dict):
+            text = "{" + ",".join(f"{k}:{json.dumps(v)}" for k, v in value.items()) + "}"
+        else:
+            text = json.dumps(value)
+        out.append(f"model.{key}={text}")
+    return out
+
+
+# -- verbs ------------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    ckpt = checkpoint.resolve(args.ckpt)
+    m = checkpoint.read_manifest(ckpt)
+    w = m.get("writer", {})
+    model = m.get("model", {})
+    print(f"checkpoint   {ckpt}")
+    print(f"format       version {m['format_version']}")
+    print(f"step         {m['step']}")
+    try:
+        cfg = LlamaConfig.from_dict(model)
+        name = _size_name(cfg)
+        print(f"model        {name + ', ' if name else ''}{num_params(cfg):,} params, head_dim {cfg.head_dim}")
+    except (TypeError, ValueError) as e:
+        print(f"model        (unusable spec: {e})")
+    for k, v in model.items():
+        print(f"  {k:<26} {v}")
+    versions = ", ".join(f"{k} {v}" for k, v in w.get("versions", {}).items())
+    print(f"writer       {w.get('framework')} on {w.get('platform')} ({versions}), precision {w.get('precision')}")
+    print(f"  mesh {w.get('mesh')}, {w.get('device_count')} device(s) in {w.get('process_count')} process(es)")
+    data = m.get("data") or {}
+    print(f"data         path {data.get('path')}, seed {data.get('seed')}, next step {data.get('next_step')}")
+    if m.get("source"):
+        print(f"source       {m['source'].get('hf_dir', m['source'])}")
+    rows, total = [], 0
+    for name, t in m.get("tensors", {}).items():
+        nbytes = math.prod(t["shape"]) * np.dtype(t["dtype"]).itemsize
+        total += nbytes
+        rows.append((name, "x".join(map(str, t["shape"])) or "scalar", t["dtype"], _human(nbytes)))
+    width = max([len(r[0]) for r in rows] + [4])
+    print()
+    print(f"{'name':<{width}}  {'shape':<12} {'dtype':<8} {'size':>10}")
+    for r in rows:
+        print(f"{r[0]:<{width}}  {r[1]:<12} {r[2]:<8} {r[3]:>10}")
+    print(f"total: {len(rows)} tensors, {total:,} bytes ({_human(total)})")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    ckpt = checkpoint.resolve(args.ckpt)
+    m = checkpoint.read_manifest(ckpt)
+
+    def fail(msg):
+        print(f"FAIL: {ckpt}: {msg}")
+        return EXIT_CHECK_FAILED
+
+    cfg = _model_config(m, ckpt)
+    expected = {}
+    for n, s in param_shapes(cfg).items():
+        expected.update({f"params/{n}": s, f"opt/mu/{n}": s, f"opt/nu/{n}": s})
+    expected["opt/count"] = ()
+    listed = m.get("tensors", {})
+    missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
+    if missing:
+        return fail(f"manifest lacks {len(missing)} tensor(s) of its model spec, e.g. {missing[0]}")
+    if extra:
+        return fail(f"manifest lists {len(extra)} tensor(s) its model spec does not have, e.g. {extra[0]}")
+    for name, shape in expected.items():
+        if tuple(listed[name]["shape"]) != shape:
+            return fail(f"tensor {name}: manifest shape {listed[name]['shape']}, model spec {list(shape)}")
+    from hal import store
+    try:
+        tensors = store.read_tensors(str(ckpt / "state"), list(listed))
+    except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return fail(f"cannot read the tensors in state/ ({type(e).__name__}: {first[:300]})")
+    total = 0
+    for name, info in listed.items():
+        a = np.asarray(tensors[name])
+        if list(a.shape) != list(info["shape"]) or str(a.dtype) != info["dtype"]:
+            return fail(f"tensor {name} is {a.dtype} {list(a.shape)}; manifest says {info['dtype']} {info['shape']}")
+        found = store.digest(a)
+        if found != info["digest"]:
+            return fail(f"tensor {name} has digest {found}; manifest says {info['digest']}")
+        total += a.nbytes
+    print(f"OK: {ckpt}: {len(listed)} tensors ({_human(total)}) match {checkpoint.MANIFEST} (step {m['step']})")
+    return EXIT_OK
+
+
+def cmd_from_hf(args) -> int:
+    out = hf.check_target(args.out)
+    _, raw = hf.read_hf_config(args.hf_dir)
+    cfg, params = hf.read_hf_dir(args.hf_dir)
+    backend = make_backend({"framework": args.hal}, cfg, OptimizerSpec())
+    backend.set_state(HostState.fresh(params))
+    meta = {"model": cfg.to_dict(), "writer": backend.describe(),
+            "data": {"path": None, "seed": 0, "next_step": 0}, "rng": {"seed": 0},
+            "source": {"hf_dir": str(Path(args.hf_dir).resolve()), "hf_config": raw}}
+    tmp = hf.atomic_dir(out)
+    try:
+        checkpoint.save(tmp, 0, backend, meta, "")
+        hf.commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    command = ["python", "-m", "launch.train", f"trainer.init_from={out}", *train_overrides(cfg)]
+    print(f"wrote {out / '0'}: {num_params(cfg):,} params from {args.hf_dir}, step 0, fresh optimizer state")
+    print(f"train from it: {shlex.join(command)}")
+    return EXIT_OK
+
+
+def cmd_to_hf(args) -> int:
+    target = hf.check_target(args.hf_dir)
+    max_shard = hf.parse_size(args.max_shard_size)
+    cfg, params, ckpt, manifest = read_checkpoint_params(args.ckpt)
+    source = (manifest.get("source") or {}).get("hf_config") or {}
+    files = hf.write_hf_dir(target, cfg, params, dtype=args.dtype, max_shard_bytes=max_shard, extra_config=source)
+    size = sum((target / f).stat().st_size for f in files)
+    print(f"wrote {target}: {len(params)} tensors as {args.dtype} in {len(files)} file(s), {_human(size)}, "
+          f"from {ckpt} (step {manifest['step']})")
+    return EXIT_OK
+
+
+def cmd_score(args) -> int:
+    out = Path(args.out)
+    _check_new_file(out)
+    cfg, params, desc = read_model(args.model)
+    tokens, one_d = load_tokens(args.tokens, cfg)
+    logits = model_logits(args.hal, cfg, params, tokens)
+    if one_d:
+        logits = logits[0]
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, logits)
+        os.rename(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"wrote {out}: logits {list(logits.shape)} float32 of {desc} on {args.hal}")
+    return EXIT_OK
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(a: np.ndarray, b: np.ndarray) -> dict:
+    """max |a - b| and KL(softmax a || softmax b) per token (mean, max), in float64."""
+    la, lb = _log_softmax(a), _log_softmax(b)
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    return {"max_abs": float(np.abs(a.astype(np.float64) - b).max()),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+
+
+def cmd_compare(args) -> int:
+    hal_b = args.hal_b or args.hal
+    cfg_a, params_a, desc_a = read_model(args.a)
+    cfg_b, params_b, desc_b = read_model(args.b)
+    if cfg_a.vocab_size != cfg_b.vocab_size:
+        raise UserError(f"A has a vocabulary of {cfg_a.vocab_size} and B of {cfg_b.vocab_size}: "
+                        f"their logits cannot be compared")
+    if args.tokens:
+        tokens, _ = load_tokens(args.tokens, cfg_a)
+        load_tokens(args.tokens, cfg_b)
+        origin = args.tokens
+    else:
+        seq = min(args.seq_len, cfg_a.max_position_embeddings, cfg_b.max_position_embeddings)
+        tokens = np.random.default_rng(args.seed).integers(0, cfg_a.vocab_size, (args.batch, seq)).astype(np.int32)
+        origin = f"random, seed {args.seed}"
+    la = model_logits(args.hal, cfg_a, params_a, tokens)
+    lb = model_logits(hal_b, cfg_b, params_b, tokens)
+    r = compare_logits(la, lb)
+    print(f"A: {desc_a} on {args.hal}")
+    print(f"B: {desc_b} on {hal_b}")
+    print(f"tokens: {tokens.shape[0]} x {tokens.shape[1]} ({origin})")
+    print(f"max abs logit diff: {r['max_abs']:.3g} (--atol {args.atol:g})")
+    print(f"KL(A||B) per token: mean {r['kl_mean']:.3g}, max {r['kl_max']:.3g} (--max-kl {args.max_kl:g})")
+    failed = []
+    if not r["max_abs"] <= args.atol:
+        failed.append(f"max abs logit diff {r['max_abs']:.3g} > --atol {args.atol:g}")
+    if not r["kl_max"] <= args.max_kl:
+        failed.append(f"max KL {r['kl_max']:.3g} > --max-kl {args.max_kl:g}")
+    if failed:
+        print("FAIL: " + "; ".join(failed))
+        return EXIT_CHECK_FAILED
+    print("OK: logits agree within --atol and --max-kl")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("inspect", help="what a checkpoint holds, from its manifest (reads no tensor)")
+    s.add_argument("ckpt", help="checkpoint dir, or a run / checkpoints dir (latest checkpoint)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("verify", help="read every tensor and check it against the manifest (exit 1 if not)")
+    s.add_argument("ckpt", help="checkpoint dir, or a run / checkpoints dir (latest checkpoint)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("from-hf", help="HF LlamaForCausalLM dir -> OUT/0/, a trichip checkpoint at step 0")
+    s.add_argument("hf_dir", help="a save_pretrained directory (config.json + safetensors)")
+    s.add_argument("out", help="new checkpoints directory; the checkpoint is OUT/0 (use trainer.init_from=OUT)")
+    s.add_argument("--hal", choices=FRAMEWORKS, default="jax", help="framework that writes it (default jax)")
+    s.set_defaults(func=cmd_from_hf)
+
+    s = sub.add_parser("to-hf", help="a checkpoint's parameters -> a directory transformers loads")
+    s.add_argument("ckpt", help="checkpoint dir, or a run / checkpoints dir (latest checkpoint)")
+    s.add_argument("hf_dir", help="new directory to write")
+    s.add_argument("--dtype", choices=hf.DTYPES, default="float32",
+                   help="float32 (default, exact) or bfloat16 (rounded to nearest even)")
+    s.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    s.set_defaults(func=cmd_to_hf)
+
+    s = sub.add_parser("score", help="logits of a model for a token file")
+    s.add_argument("model", help="checkpoint (or run dir) or HF directory")
+    s.add_argument("--hal", choices=FRAMEWORKS, default="jax")
+    s.add_argument("--tokens", required=True, help=".npy integer array [B, T] or [T]")
+    s.add_argument("--out", required=True, help="new .npy file for float32 logits [B, T, V] ([T, V] for [T] tokens)")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("compare", help="logits of two models on the same tokens: exit 0 if they agree, else 1")
+    s.add_argument("a", help="checkpoint (or run dir) or HF directory")
+    s.add_argument("b", help="checkpoint (or run dir) or HF directory")
+    s.add_argument("--hal", choices=FRAMEWORKS, default="jax", help="framework for A (and B unless --hal-b)")
+    s.add_argument("--hal-b", choices=FRAMEWORKS, default=None, help="framework for B (default: --hal)")
+    s.add_argument("--tokens", help=".npy integer array [B, T] or [T]; default: random tokens from --seed")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch", type=int, default=2, help="random batch size without --tokens (default 2)")
+    s.add_argument("--seq-len", type=int, default=64, help="random sequence length without --tokens (default 64)")
+    s.add_argument("--atol", type=float, default=1e-4, help="bound on max |logit A - logit B| (default 1e-4)")
+    s.add_argument("--max-kl", type=float, default=1e-6, help="bound on max per-token KL(A||B) (default 1e-6)")
+    s.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if getattr(args, "batch", 1) < 1 or getattr(args, "seq_len", 1) < 1:
+        print("error: --batch and --seq-len must be positive", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
