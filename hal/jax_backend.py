@@ -173,6 +173,7 @@ class JaxBackend(Backend):
         return {"framework": "jax", "platform": self.platform,
                 "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
                 "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind,
                 "process_count": self.process_count, "precision": self.precision,
                 "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source}
 

@@ -148,6 +148,7 @@ class TorchBackend(Backend):
                    if self.platform == "gpu" else [f"cpu ({torch.get_num_threads()} threads)"])
         return {"framework": "torch", "platform": self.platform, "versions": {"torch": torch.__version__},
                 "devices": devices, "device_count": self.process_count, "process_count": self.process_count,
+                "device_kind": devices[0] if self.platform == "gpu" else self.platform,
                 "precision": self.precision, "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
                 "comm_backend": COMM_BACKEND[self.platform] if self.distributed else None,
                 "neuron_stack": self.hooks.stack if self.hooks else None}

@@ -109,3 +109,19 @@ def test_resume_after_the_end_does_nothing_and_keeps_the_checkpoint(tiny_run):
     assert r.returncode == 0, r.stderr[-2000:]
     assert _snapshot(last) == before
     assert len(metrics(tiny_run)) == 4
+
+
+def test_tensorboard_and_mfu(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    r = cli("launch.train", "hal=jax", "trainer.steps=6", "trainer.eval_every=3", "trainer.seq_len=32",
+            "trainer.peak_tflops=0.44", "trainer.log_every=3", f"run_dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(tmp_path / "run")
+    assert all(0 < m["mfu"] < 1 for m in rows)
+    assert "MFU" in (tmp_path / "run" / "train.log").read_text()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+    assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(m["loss"], 5) for m in rows]

@@ -22,9 +22,10 @@ import numpy as np
 
 from hal import (FRAMEWORKS, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, UserError,
                  make_backend)
-from models.spec import LlamaConfig, num_params, reference_init
+from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
 from trainer import checkpoint
 from trainer.data import TokenData
+from trainer.observe import Scalars, peak_flops
 from trainer.safety import RunLock, StopRequest
 from trainer.schedule import learning_rate
 
@@ -286,6 +287,9 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
         log.info("checkpoint %s", path)
 
     bar = _progress(run.steps, start_step) if lead else None
+    scalars = Scalars(run.run_dir, enabled=lead and t.get("tensorboard", True))
+    peak = peak_flops(info.get("device_kind", ""), t["precision"], t.get("peak_tflops"))
+    model_flops_per_token = flops_per_token(run.model, run.seq_len)
     last, saved_at, preempted = {}, start_step, ""
     with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, \
             _redirect_logging(bar), StopRequest() as stop:
@@ -298,12 +302,15 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
             done = step + 1
             last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
                     "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+            if peak:
+                last["mfu"] = model_flops_per_token * last["tokens_per_s"] / (peak * info["device_count"])
             if m.skipped:
                 last["skipped"] = True
             if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
                 last["eval_loss"] = evaluate(backend, data, run)
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
+            scalars.add(done, last)
             if m.skipped:
                 if on_nonfinite == "stop":
                     raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
@@ -314,11 +321,14 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
             if done % run.log_every == 0 or done == run.steps or "eval_loss" in last:
                 line = (f"step {done}/{run.steps} | loss {m.loss:.4f} | lr {lr:.3g} | grad_norm {m.grad_norm:.3f}"
                         f" | {last['tokens_per_s']:,.0f} tok/s")
+                if "mfu" in last:
+                    line += f" | MFU {100 * last['mfu']:.1f}%"
                 if "eval_loss" in last:
                     line += f" | eval_loss {last['eval_loss']:.4f}"
                 log.info(line)
             if bar:
-                bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+                extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
+                bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
                 bar.update(1)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
                 save(done)
@@ -332,6 +342,7 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
                 break
     if bar:
         bar.close()
+    scalars.close()
     compilations = backend.compilations()
     if compilations:
         log.info("compilations: %s", compilations)

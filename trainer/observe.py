@@ -1,0 +1,52 @@
+"""What a person watching a run sees besides the log: MFU against the chip's peak, TensorBoard scalars."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("trichip")
+
+# Dense peak TFLOP/s per device (bf16, fp32) from the vendors' data sheets; matched by substring of the
+# device kind the backend reports. CPUs have no standard figure: set trainer.peak_tflops.
+PEAK_TFLOPS = [
+    ("H200", 989.0, 67.0), ("H100", 989.0, 67.0), ("A100", 312.0, 19.5), ("L4", 121.0, 30.3),
+    ("TPU v5p", 459.0, None), ("TPU v6", 918.0, None), ("TPU v5 lite", 197.0, None), ("TPU v5e", 197.0, None),
+    ("TPU v4", 275.0, None),
+]
+
+
+def peak_flops(device_kind: str, precision: str, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device at this precision, or None when unknown."""
+    if override_tflops:
+        return float(override_tflops) * 1e12
+    for name, bf16, fp32 in PEAK_TFLOPS:
+        if name.lower() in (device_kind or "").lower():
+            tflops = bf16 if precision == "bf16" else fp32
+            return tflops * 1e12 if tflops else None
+    return None
+
+
+class Scalars:
+    """TensorBoard event files in run_dir/tensorboard (tensorboardX; skipped with a note if missing)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            log.info("tensorboardX not installed: no TensorBoard event files (pip install tensorboardX)")
+            return
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), flush_secs=10)
+
+    def add(self, step: int, values: dict) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            if key in values:
+                self.writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", values[key], step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
