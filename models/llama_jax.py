@@ -61,13 +61,9 @@ class Attention(nn.Module):
         k = Linear(kvh * hd, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
         v = Linear(kvh * hd, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Grouped-query attention: query head j reads kv head j // (h // kvh), as HF's repeat_kv does.
-        k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.float32(np.sqrt(hd))
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+        # Grouped-query attention (query head j reads kv head j // (h // kvh), as HF's repeat_kv does);
+        # jax.nn.dot_product_attention picks cuDNN flash attention on GPUs and XLA elsewhere.
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
 
 
