@@ -81,8 +81,8 @@ class TokenData:
                             f"`python -m launch.prepare_data OUT.npy TEXT...` or builtin:python_docs")
         try:
             self.tokens = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise UserError(f"data.path {path!r} is not a token file (.npy): {e}") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"data.path {path!r} is not a token file (.npy): {e or type(e).__name__}") from None
         if self.tokens.ndim != 1 or self.tokens.dtype.kind not in "ui":
             raise UserError(f"data.path {path!r} must hold a 1-D integer array, got {self.tokens.dtype} "
                             f"{self.tokens.shape}")
