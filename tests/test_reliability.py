@@ -186,3 +186,27 @@ def test_second_run_on_the_same_dir_is_refused(tmp_path):
     r = cli("launch.train", "hal=torch", "trainer.steps=3", "trainer.checkpoint_every=0", *FAST, "trainer.resume=false",
             f"run_dir={run}")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(tmp_path, fw):
+    """SIGTERM reaching one process of a torchrun job: every rank finishes the same step, one checkpoint."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "launch.train", f"hal={fw}", "trainer.steps=100000", "trainer.checkpoint_every=0",
+                          *FAST, f"run_dir={run}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        _wait_for_step(run, 3, p, timeout=240)
+        children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[1]), signal.SIGTERM)            # one rank only
+        out, _ = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]
+    steps = [m["step"] for m in metrics(run)]
+    manifest = json.loads((run / "checkpoints" / str(steps[-1]) / "manifest.json").read_text())
+    assert manifest["writer"]["process_count"] == 2 and manifest["step"] == steps[-1]
+    assert "a signal on another process" in out or "stopped by SIGTERM" in out
