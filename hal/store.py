@@ -89,7 +89,6 @@ def write_tensors(path: str, tensors: dict) -> None:
 def read_tensors(path: str, names: list[str], shardings: dict | None = None) -> dict:
     """Read the named tensors: as host NumPy arrays, or as jax.Arrays placed with `shardings[name]`
     (only the shards this process holds are read)."""
-    import jax
     import orbax.checkpoint as ocp
 
     def args(name):
@@ -102,5 +101,4 @@ def read_tensors(path: str, names: list[str], shardings: dict | None = None) -> 
         tree = ckptr.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
             item=_nested({n: 0 for n in names}), restore_args=restore_args, partial_restore=True))
     flat = flatten(tree)
-    del jax
     return {n: flat[n.replace("/", ".")] for n in names}
