@@ -18,18 +18,23 @@ _PLATFORM_OF = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu":
 
 
 def _select_platform(platform: str) -> str:
+    """Pin JAX to the asked platform (one try: after a failed backend start JAX cannot try another)."""
     import jax
     if platform != "auto":
-        want = {"gpu": "cuda,rocm", "cpu": "cpu", "tpu": "tpu", "neuron": "neuron"}.get(platform)
-        if want is None:
+        # gpu: let JAX pick among its installed GPU plugins (CUDA or ROCm), then check it found one
+        name = {"gpu": "", "cpu": "cpu", "tpu": "tpu", "neuron": "neuron"}.get(platform)
+        if name is None:
             raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu, tpu, neuron")
         try:
-            jax.config.update("jax_platforms", want)
-            jax.devices()
+            if name:
+                jax.config.update("jax_platforms", name)
+            found = _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
         except RuntimeError as e:
-            jax.config.update("jax_platforms", None)
             raise UserError(f"hal.platform={platform} but JAX cannot start it ({str(e).splitlines()[0]}); "
                             f"install the matching jax plugin or use hal.platform=auto") from None
+        if found != platform:
+            raise UserError(f"hal.platform={platform} but JAX found only {found} devices; install the matching "
+                            f"jax plugin (e.g. pip install 'jax[cuda12]') or use hal.platform=auto")
     return _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
 
 

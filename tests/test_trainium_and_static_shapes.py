@@ -125,3 +125,11 @@ def test_info_lists_targets():
     assert not info["targets"]["tpu"]["jax"]
     r = cli("launch.info")
     assert "neuron" in r.stdout and "ready" in r.stdout
+
+
+def test_asking_for_a_gpu_here_fails_in_one_line(tmp_path):
+    for fw in ("jax", "torch"):
+        r = cli("launch.train", f"hal={fw}", "hal.platform=gpu", f"run_dir={tmp_path}/{fw}")
+        assert r.returncode == 2, r.stderr[-2000:]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and "hal.platform=gpu" in errors[0] and "Traceback" not in r.stderr
