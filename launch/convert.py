@@ -6,16 +6,20 @@ directories, and check what a checkpoint holds and computes.
   from-hf HF_DIR OUT            a LlamaForCausalLM directory -> OUT/0/, a checkpoint at step 0 with fresh
                                 optimizer state (train from it: launch.train trainer.init_from=OUT)
   to-hf CKPT HF_DIR             a checkpoint's parameters -> a directory transformers loads
+  copy CKPT DST                 a checkpoint -> DST/<step>/, verified on arrival (each a directory or an
+                                s3:// / gs:// prefix): moves checkpoints between disks and object stores
   score MODEL --tokens T.npy --out LOGITS.npy
   compare A B [--tokens T.npy]  logits of two models (checkpoints or HF dirs, on one framework or two)
 
-CKPT is a checkpoint directory, or a run or checkpoints directory (its latest checkpoint is used);
+CKPT is a checkpoint directory, or a run or checkpoints directory (its latest checkpoint is used), on
+disk or on an object store (s3://bucket/prefix, gs://bucket/prefix: downloaded to a temporary directory);
 MODEL, A and B are a CKPT or a Hugging Face directory. Exit codes: 0 done / checks passed, 1 a check
 failed (verify, compare), 2 something to fix in the command (printed as one line).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +27,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,7 @@ from hal import FRAMEWORKS, HostState, OptimizerSpec, UserError, make_backend
 from models import hf
 from models.spec import SIZES, LlamaConfig, num_params, param_shapes
 from trainer import checkpoint
+from trainer.remote import is_remote
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR = 0, 1, 2
 PROG = "python -m launch.convert"
@@ -53,11 +59,11 @@ def _model_config(manifest: dict, ckpt: Path) -> LlamaConfig:
         raise UserError(f"checkpoint {ckpt}: its manifest's model spec is unusable ({e})") from None
 
 
-def _read_tensors(ckpt: Path, manifest: dict, names: list[str]) -> dict[str, np.ndarray]:
+def _read_tensors(ckpt: Path, manifest: dict, names: list[str], local: Path | None = None) -> dict[str, np.ndarray]:
     """The named tensors of a checkpoint as host arrays (only those are read), each checked against its
-    manifest digest."""
+    manifest digest. `local`: where its files are, when ckpt is remote (a downloaded copy)."""
     from hal import store
-    tensors = store.read_tensors(str(ckpt / "state"), names)
+    tensors = store.read_tensors(str((local or ckpt) / "state"), names)
     for name, array in tensors.items():
         if store.digest(np.asarray(array)) != manifest["tensors"][name]["digest"]:
             raise UserError(f"checkpoint {ckpt}: tensor {name} does not match its manifest digest; "
@@ -75,13 +81,17 @@ def read_checkpoint_params(path) -> tuple[LlamaConfig, dict[str, np.ndarray], Pa
     missing = [n for n in names if n not in manifest["tensors"]]
     if missing:
         raise UserError(f"checkpoint {ckpt} lacks parameters of its own model spec, e.g. {missing[:2]}")
-    tensors = _read_tensors(ckpt, manifest, names)
+    with checkpoint.fetch(ckpt) as local:
+        tensors = _read_tensors(ckpt, manifest, names, local)
     params = {n: np.asarray(tensors[f"params/{n}"], np.float32) for n in param_shapes(cfg)}
     return cfg, params, ckpt, manifest
 
 
 def read_model(path) -> tuple[LlamaConfig, dict[str, np.ndarray], str]:
     """A trichip checkpoint (or run dir) or a Hugging Face directory -> (config, params, description)."""
+    if is_remote(path):
+        cfg, params, ckpt, manifest = read_checkpoint_params(path)
+        return cfg, params, f"{ckpt} (trichip, step {manifest['step']})"
     p = Path(path)
     if hf.is_hf_dir(p):
         cfg, params = hf.read_hf_dir(p)
@@ -199,15 +209,11 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def cmd_verify(args) -> int:
-    ckpt = checkpoint.resolve(args.ckpt)
-    m = checkpoint.read_manifest(ckpt)
-
-    def fail(msg):
-        print(f"FAIL: {ckpt}: {msg}")
-        return EXIT_CHECK_FAILED
-
-    cfg = _model_config(m, ckpt)
+def check_tensors(local: Path, m: dict, name=None) -> tuple[str | None, str]:
+    """Read every tensor of the checkpoint whose files are under `local` and check it against manifest `m`:
+    names and shapes against its model spec, then shape, dtype and digest of what is stored.
+    Returns (the first problem or None, a summary). `name`: the checkpoint, for messages."""
+    cfg = _model_config(m, name or local)
     expected = {}
     for n, s in param_shapes(cfg).items():
         expected.update({f"params/{n}": s, f"opt/mu/{n}": s, f"opt/nu/{n}": s})
@@ -215,29 +221,120 @@ def cmd_verify(args) -> int:
     listed = m.get("tensors", {})
     missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
     if missing:
-        return fail(f"manifest lacks {len(missing)} tensor(s) of its model spec, e.g. {missing[0]}")
+        return f"manifest lacks {len(missing)} tensor(s) of its model spec, e.g. {missing[0]}", ""
     if extra:
-        return fail(f"manifest lists {len(extra)} tensor(s) its model spec does not have, e.g. {extra[0]}")
+        return f"manifest lists {len(extra)} tensor(s) its model spec does not have, e.g. {extra[0]}", ""
     for name, shape in expected.items():
         if tuple(listed[name]["shape"]) != shape:
-            return fail(f"tensor {name}: manifest shape {listed[name]['shape']}, model spec {list(shape)}")
+            return f"tensor {name}: manifest shape {listed[name]['shape']}, model spec {list(shape)}", ""
     from hal import store
-    try:
-        tensors = store.read_tensors(str(ckpt / "state"), list(listed))
-    except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return fail(f"cannot read the tensors in state/ ({type(e).__name__}: {first[:300]})")
     total = 0
+    for batch in _batches(listed):    # a bounded amount in memory at once, whatever the model's size
+        try:
+            tensors = store.read_tensors(str(local / "state"), batch)
+        except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return f"cannot read the tensors in state/ ({type(e).__name__}: {first[:300]})", ""
+        for name in batch:
+            info, a = listed[name], np.asarray(tensors.pop(name))
+            if list(a.shape) != list(info["shape"]) or str(a.dtype) != info["dtype"]:
+                return f"tensor {name} is {a.dtype} {list(a.shape)}; manifest says {info['dtype']} {info['shape']}", ""
+            found = store.digest(a)
+            if found != info["digest"]:
+                return f"tensor {name} has digest {found}; manifest says {info['digest']}", ""
+            total += a.nbytes
+    return None, f"{len(listed)} tensors ({_human(total)}) match {checkpoint.MANIFEST} (step {m['step']})"
+
+
+def _batches(listed: dict, limit: int = 1 << 30) -> list[list[str]]:
+    """Tensor names in groups of at most `limit` bytes (a larger tensor alone)."""
+    out, size = [[]], 0
     for name, info in listed.items():
-        a = np.asarray(tensors[name])
-        if list(a.shape) != list(info["shape"]) or str(a.dtype) != info["dtype"]:
-            return fail(f"tensor {name} is {a.dtype} {list(a.shape)}; manifest says {info['dtype']} {info['shape']}")
-        found = store.digest(a)
-        if found != info["digest"]:
-            return fail(f"tensor {name} has digest {found}; manifest says {info['digest']}")
-        total += a.nbytes
-    print(f"OK: {ckpt}: {len(listed)} tensors ({_human(total)}) match {checkpoint.MANIFEST} (step {m['step']})")
+        nbytes = math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
+        if out[-1] and size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += nbytes
+    return [b for b in out if b]
+
+
+def cmd_verify(args) -> int:
+    ckpt = checkpoint.resolve(args.ckpt)
+    checkpoint.read_manifest(ckpt)
+    with checkpoint.fetch(ckpt) as local:
+        problem, summary = check_tensors(local, checkpoint.read_manifest(local, ckpt), ckpt)
+    if problem:
+        print(f"FAIL: {ckpt}: {problem}")
+        return EXIT_CHECK_FAILED
+    print(f"OK: {ckpt}: {summary}")
     return EXIT_OK
+
+
+def cmd_copy(args) -> int:
+    """SRC's checkpoint -> DST/<step>/, checked on arrival (every tensor read back from the copy and its digest
+    compared with the manifest) before it becomes visible: on disk it is renamed into place from
+    DST/.tmp-<step>/, on a store its manifest is uploaded last; a copy that fails the check is removed."""
+    src = checkpoint.resolve(args.src)
+    step = checkpoint.read_manifest(src)["step"]
+    root = checkpoint.location(args.dst)
+    dest = root / str(step)
+    if checkpoint.is_checkpoint(root):
+        raise UserError(f"{root} is itself a checkpoint; give the checkpoints directory to copy into "
+                        f"(the copy becomes DST/{step})")
+    if checkpoint.is_checkpoint(dest) or (not is_remote(dest) and dest.exists()):
+        raise UserError(f"{dest} already exists; remove it or copy into another directory")
+    if not is_remote(root) and root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file; give a directory to copy into")
+    made_root = not is_remote(root) and not root.exists()
+    wrote = False
+    try:
+        with checkpoint.fetch(src) as local_src, tempfile.TemporaryDirectory(prefix="trichip-copy-") as tmp:
+            manifest = checkpoint.read_manifest(local_src, src)
+            if is_remote(dest):
+                wrote = True
+                checkpoint.upload(local_src, dest, commit=False)      # invisible until its manifest is there
+                arrived = Path(tmp) / "arrived"
+                checkpoint.download(dest, arrived, require_manifest=False)
+                shutil.copy2(local_src / checkpoint.MANIFEST, arrived / checkpoint.MANIFEST)
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                arrived = root / f".tmp-{step}"
+                shutil.rmtree(arrived, ignore_errors=True)
+                wrote = True
+                shutil.copytree(local_src, arrived)
+            problem, summary = check_tensors(arrived, checkpoint.read_manifest(arrived, dest), dest)
+            if problem is None:
+                if is_remote(dest):
+                    checkpoint.commit(local_src, dest)
+                    if checkpoint.read_manifest(dest) != manifest:
+                        problem = f"{checkpoint.MANIFEST} differs from the source's after the upload"
+                else:
+                    os.rename(arrived, dest)
+        if problem is not None:
+            _remove_copy(dest, root, made_root)
+            print(f"FAIL: {dest}: {problem}; the copy was removed")
+            return EXIT_CHECK_FAILED
+    except BaseException as e:
+        if wrote:
+            _remove_copy(dest, root, made_root)
+        if isinstance(e, OSError):        # a transfer failed (network, disk): one line, like every error here
+            raise UserError(f"copy of {src} to {dest} failed ({getattr(e, 'strerror', None) or e}); "
+                            f"nothing was left at {dest}") from None
+        raise
+    print(f"copied {src} to {dest}: {summary}")
+    return EXIT_OK
+
+
+def _remove_copy(dest, root, made_root: bool) -> None:
+    """Remove a failed copy (and, on disk, its temp dir and the DST directory if copy made it)."""
+    with contextlib.suppress(Exception):
+        checkpoint.remove(dest)
+    if not is_remote(dest):
+        shutil.rmtree(root / f".tmp-{dest.name}", ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def cmd_from_hf(args) -> int:
@@ -369,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 (default, exact) or bfloat16 (rounded to nearest even)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
     s.set_defaults(func=cmd_to_hf)
+
+    s = sub.add_parser("copy", help="a checkpoint -> DST/<step>/ on disk or an object store, verified on arrival")
+    s.add_argument("src", help="checkpoint dir, or a run / checkpoints dir (latest checkpoint); or s3://, gs://")
+    s.add_argument("dst", help="checkpoints directory or s3:// / gs:// prefix to copy into (as DST/<step>)")
+    s.set_defaults(func=cmd_copy)
 
     s = sub.add_parser("score", help="logits of a model for a token file")
     s.add_argument("model", help="checkpoint (or run dir) or HF directory")

@@ -31,6 +31,7 @@ from trainer.schedule import learning_rate
 
 log = logging.getLogger("trichip")
 RUN_MARKER = "run.json"
+STAGING, REMOTE_CACHE = ".staging", ".remote-cache"     # run-dir scratch for checkpoints on object stores
 
 
 def _positive_int(cfg: dict, section: str, key: str, allow_zero: bool = False) -> int:
@@ -99,6 +100,7 @@ class Run:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.check_run_dir()
+        self._ckpt_root = checkpoint.checkpoint_root(t.get("checkpoint_dir"), self.run_dir)
         self.init_from = t.get("init_from")
         if self.init_from:
             self.init_ckpt = checkpoint.resolve(self.init_from)
@@ -108,8 +110,9 @@ class Run:
                              min_lr_ratio=self.min_lr_ratio, schedule=self.cfg["optim"]["schedule"])
 
     @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def ckpt_root(self):
+        """run_dir/checkpoints, or trainer.checkpoint_dir: a directory or an s3:// / gs:// prefix (a RemotePath)."""
+        return self._ckpt_root
 
     def check_run_dir(self) -> None:
         """A run dir is new, or one trichip made (it has run.json). Hydra's own files don't count."""
@@ -118,7 +121,8 @@ class Run:
             raise UserError(f"run dir {d} is a file; choose a directory (run_dir=...)")
         if not d.is_dir() or (d / RUN_MARKER).is_file():
             return
-        foreign = [p.name for p in d.iterdir() if p.name != ".hydra" and not p.name.endswith(".log")]
+        foreign = [p.name for p in d.iterdir() if p.name not in (".hydra", STAGING, REMOTE_CACHE)
+                   and not p.name.endswith(".log")]
         if foreign:
             raise UserError(f"run dir {d} is not a trichip run (no {RUN_MARKER}, holds {sorted(foreign)[:3]}); "
                             f"choose a new directory with run_dir=...")
@@ -175,7 +179,9 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     # Check the starting checkpoint before building the backend: a wrong model fails before any compute.
     candidates = checkpoint.list_steps(run.ckpt_root)[::-1] if t.get("resume", True) else []
     if candidates:
-        run.check_model(run.ckpt_root / str(candidates[0]), _manifest_or_none(run.ckpt_root / str(candidates[0])))
+        newest = _manifest_or_none(run.ckpt_root / str(candidates[0]))
+        if newest is not None:      # unreadable: the resume below falls back past it
+            run.check_model(run.ckpt_root / str(candidates[0]), newest)
     elif run.init_from:
         run.check_model(run.init_ckpt, checkpoint.read_manifest(run.init_ckpt))
 
@@ -204,11 +210,11 @@ def _restore(run: Run, backend, candidates: list[int], strict: bool) -> tuple[in
     for step in candidates:
         ckpt = run.ckpt_root / str(step)
         try:
-            manifest = checkpoint.load(ckpt, backend)
+            manifest = checkpoint.load(ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
             run.check_model(ckpt, manifest)
             return manifest["step"], _describe_source(ckpt, manifest)
         except UserError as e:
-            if strict or isinstance(e, UserError) and "another model" in str(e):
+            if strict or "another model" in str(e):   # a wrong model is the user's to fix, not damage
                 raise
             log.warning("%s — falling back to the previous checkpoint", e)
         except Exception as e:   # unreadable tensors: truncated or missing files, corrupt OCDBT
@@ -235,7 +241,7 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
         if start_step < 0:
             log.warning("no readable checkpoint in %s: starting from the reference init", run.ckpt_root)
     elif run.init_from:
-        manifest = checkpoint.load(run.init_ckpt, backend)
+        manifest = checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
         start_step, source = manifest["step"], _describe_source(run.init_ckpt, manifest)
         if t.get("init_weights_only", False):
             start_step = 0
@@ -270,11 +276,12 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
     def save(done: int) -> None:
         try:
             path = checkpoint.save(run.ckpt_root, done, backend,
-                                   dict(meta, data=dict(meta["data"], next_step=done)), config_yaml)
+                                   dict(meta, data=dict(meta["data"], next_step=done)), config_yaml,
+                                   staging=run.run_dir / STAGING)
         except (OSError, ValueError, RuntimeError) as e:   # orbax/tensorstore report I/O errors as ValueError
             if lead:
                 checkpoint.prune(run.ckpt_root, run.keep)   # removes the half-written temp dir
-            good = checkpoint.list_steps(run.ckpt_root)
+            good = checkpoint.list_steps(run.ckpt_root, best_effort=True)
             reason = _io_reason(e)
             msg = (f"checkpoint at step {done} failed ({reason}); earlier checkpoints are intact "
                    f"(latest: {good[-1] if good else 'none'})")
