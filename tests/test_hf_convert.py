@@ -461,3 +461,22 @@ def test_trained_checkpoint_exports_and_imports_unchanged(tf, tmp_path, capsys):
     checkpoint.load(checkpoint.resolve(tmp_path / "back"), backend)
     assert np.array_equal(backend.logits(tokens), logits_trained)
     assert np.abs(hf_logits(tf, load_hf(tf, tmp_path / "hf"), tokens) - logits_trained).max() <= ATOL
+
+
+def test_init_from_a_hugging_face_directory(tmp_path):
+    """Fine-tuning entry: trainer.init_from=HF_DIR takes the weights (fresh optimizer, step 0)."""
+    import dataclasses
+    from models.hf import write_hf_dir
+    from models.spec import SIZES, reference_init
+    from tests.conftest import cli, metrics, train
+    cfg = SIZES["tiny"]
+    write_hf_dir(tmp_path / "hf", cfg, reference_init(cfg, 0))
+    common = ["hal=torch", "trainer.steps=4", "trainer.seq_len=32", "trainer.global_batch=4"]
+    summary = train(tmp_path / "from_hf", *common, f"trainer.init_from={tmp_path / 'hf'}")
+    assert summary["start_step"] == 0
+    train(tmp_path / "scratch", *common)          # the same weights from the seed
+    assert [m["loss"] for m in metrics(tmp_path / "from_hf")] == [m["loss"] for m in metrics(tmp_path / "scratch")]
+    other = dataclasses.replace(cfg, hidden_size=64, intermediate_size=128)
+    write_hf_dir(tmp_path / "hf_other", other, reference_init(other, 0))
+    r = cli("launch.train", *common, f"trainer.init_from={tmp_path / 'hf_other'}", f"run_dir={tmp_path}/bad")
+    assert r.returncode == 2 and "another model" in r.stderr and "hidden_size" in r.stderr

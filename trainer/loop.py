@@ -23,6 +23,7 @@ import numpy as np
 from hal import (FRAMEWORKS, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, UserError,
                  make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
+from models import hf
 from trainer import checkpoint
 from trainer.data import TokenData
 from trainer.observe import Scalars, peak_flops
@@ -102,7 +103,8 @@ class Run:
         self.check_run_dir()
         self._ckpt_root = checkpoint.checkpoint_root(t.get("checkpoint_dir"), self.run_dir)
         self.init_from = t.get("init_from")
-        if self.init_from:
+        self.init_hf = bool(self.init_from) and "://" not in str(self.init_from) and hf.is_hf_dir(self.init_from)
+        if self.init_from and not self.init_hf:
             self.init_ckpt = checkpoint.resolve(self.init_from)
 
     def lr(self, count: int) -> float:
@@ -182,6 +184,8 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
         newest = _manifest_or_none(run.ckpt_root / str(candidates[0]))
         if newest is not None:      # unreadable: the resume below falls back past it
             run.check_model(run.ckpt_root / str(candidates[0]), newest)
+    elif run.init_hf:       # fine-tuning from a Hugging Face directory: its config must be the run's model
+        run.check_model(run.init_from, {"model": hf.read_hf_config(run.init_from)[0].to_dict()})
     elif run.init_from:
         run.check_model(run.init_ckpt, checkpoint.read_manifest(run.init_ckpt))
 
@@ -240,6 +244,9 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
         start_step, source = _restore(run, backend, candidates, bool(t.get("strict_resume", False)))
         if start_step < 0:
             log.warning("no readable checkpoint in %s: starting from the reference init", run.ckpt_root)
+    elif run.init_hf:       # weights only: fresh optimizer state, step 0
+        backend.set_state(HostState.fresh(hf.read_hf_dir(run.init_from)[1]))
+        start_step, source = 0, f"Hugging Face directory {run.init_from} (weights only)"
     elif run.init_from:
         manifest = checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
         start_step, source = manifest["step"], _describe_source(run.init_ckpt, manifest)
