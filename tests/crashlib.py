@@ -28,6 +28,13 @@ def finished(run_dir):
         return False
 
 
+def _steps_done(run):
+    try:
+        return len(metrics(run))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 def _check_against(run, ref):
     got = np.array([m["loss"] for m in metrics(run)])
     want = np.array([m["loss"] for m in metrics(ref)])
@@ -47,8 +54,15 @@ def crash_and_resume(framework, tmp_path, kills=20, seed=0):
     while killed < kills:
         run = tmp_path / f"crashy{n}"
         while killed < kills and not finished(run):
+            before = _steps_done(run)
             p = start(framework, run)
-            time.sleep(rng.uniform(2.5, 7.0))   # start-up takes ~3 s; training and saving the rest
+            if rng.random() < 0.25:              # some kills during start-up, compile or restore
+                time.sleep(rng.uniform(0.5, 3.0))
+            else:                                # most while it trains and saves: wait for a new step
+                deadline = time.time() + 120
+                while p.poll() is None and _steps_done(run) <= before and time.time() < deadline:
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0.0, 1.0))
             if p.poll() is not None:             # finished before the kill
                 assert p.returncode == 0, p.stderr.read()[-3000:]
                 continue

@@ -41,7 +41,8 @@ def _value(v):
         if isinstance(v, bool) else str(v)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True,  # the same cases in every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=case, framework=st.sampled_from(["jax", "torch"]))
 def test_bad_overrides_are_one_line_errors(tmp_path_factory, case, framework):
     key, value = case

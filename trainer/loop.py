@@ -98,7 +98,7 @@ class Run:
             if t.get(key, allowed[0]) not in allowed:
                 raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}")
         self.seed = cfg.get("seed", 0)
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.check_run_dir()
         self._ckpt_root = checkpoint.checkpoint_root(t.get("checkpoint_dir"), self.run_dir)
