@@ -1,0 +1,103 @@
+"""Time trichip's train step on one accelerator: tokens/s, MFU against a given peak, peak device memory.
+
+    python bench/accel_step.py --framework jax --model llama3.2-1b --precision bf16 --seq-len 2048 \
+        --global-batch 32 --micro-batch 4 --steps 30 --platform gpu --peak-tflops 989
+
+Drives the backend as trainer.loop does (TokenData batch of the step, schedule's lr, backend.train_step,
+which returns the loss and grad norm as Python floats, so every step ends synchronized), without the
+loop's metrics file and checkpoints (the final checkpoint of a 1B run is ~15 GB and minutes long: see
+bench/run.py's checkpoint table for what saves cost). Prints one JSON line: RESULT {...}.
+Used by bench/accelerator.sh; runs anywhere (--platform cpu --model tiny to try it out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def peak_memory(backend) -> float | None:
+    """Peak device memory in GB, where the framework reports it."""
+    try:
+        if backend.framework == "torch":
+            import torch
+            if torch.cuda.is_available():
+                return torch.cuda.max_memory_allocated() / 1e9
+            return None
+        import jax
+        stats = jax.local_devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return peak / 1e9 if peak else None
+    except Exception:   # noqa: BLE001  (a report, never a failure)
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--framework", required=True, choices=["jax", "torch"])
+    p.add_argument("--model", default="llama3.2-1b")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (compile, autotune)")
+    p.add_argument("--platform", default="gpu")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak in this precision")
+    a = p.parse_args()
+
+    import hal
+    from models.spec import SIZES, flops_per_token, num_params, reference_init
+    from trainer.data import TokenData
+    from trainer.schedule import learning_rate
+
+    cfg = SIZES[a.model]
+    out = {"framework": a.framework, "model": a.model, "precision": a.precision, "seq_len": a.seq_len,
+           "global_batch": a.global_batch, "micro_batch": a.micro_batch, "params": num_params(cfg),
+           "flops_per_token": flops_per_token(cfg, a.seq_len), "peak_tflops": a.peak_tflops}
+    try:
+        t0 = time.perf_counter()
+        backend = hal.make_backend({"framework": a.framework, "platform": a.platform}, cfg, hal.OptimizerSpec(),
+                                   a.precision, remat=a.remat)
+        backend.check_batch(a.micro_batch)
+        backend.set_state(hal.HostState.fresh(reference_init(cfg, 0)))
+        out["setup_s"] = time.perf_counter() - t0
+        out["describe"] = {k: v for k, v in backend.describe().items() if k in ("platform", "devices", "versions")}
+        data = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size)
+        accum = a.global_batch // a.micro_batch
+        times, losses = [], []
+        for step in range(a.steps):
+            t = time.perf_counter()
+            tokens = data.train_batch(step, a.global_batch).reshape(accum, a.micro_batch, a.seq_len + 1)
+            lr = learning_rate(step, peak_lr=3e-4, warmup_steps=10, total_steps=max(a.steps, 11))
+            m = backend.train_step(tokens, lr)
+            times.append(time.perf_counter() - t)
+            losses.append(m.loss)
+            print(f"step {step + 1}/{a.steps}: {times[-1]:.3f}s loss {m.loss:.4f}", file=sys.stderr, flush=True)
+        timed = times[a.warmup:] or times
+        step_s = statistics.median(timed)
+        tokens_per_step = a.global_batch * a.seq_len
+        out.update(first_step_s=times[0], step_s=step_s, step_min_s=min(timed), steps_timed=len(timed),
+                   tokens_per_s=tokens_per_step / step_s, loss_first=losses[0], loss_last=losses[-1],
+                   peak_mem_gb=peak_memory(backend))
+        achieved = out["flops_per_token"] * out["tokens_per_s"]
+        out["tflops"] = achieved / 1e12
+        out["mfu"] = achieved / (a.peak_tflops * 1e12) if a.peak_tflops else None
+        out["ok"] = True
+    except Exception as e:   # noqa: BLE001  (OOM and friends are results: the script retries smaller)
+        text = f"{type(e).__name__}: {e}"
+        out.update(ok=False, error=text.splitlines()[0][:300],
+                   oom=any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "Out of memory")))
+        traceback.print_exc()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

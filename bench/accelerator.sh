@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# trichip on one GPU: the Llama-3.2-1B-shaped model (model=llama3.2-1b) in bf16, seq_len 2048, with each
+# framework; prints tokens/s and MFU against the chip's dense bf16 peak, as a Markdown table (also written
+# to $OUT/accelerator.md and $OUT/accelerator.jsonl when OUT is set).
+#
+#   bash bench/accelerator.sh                       # from anywhere; installs what is missing first
+#   NO_INSTALL=1 bash bench/accelerator.sh          # use the Python environment as it is
+#   GLOBAL=32 MICRO=4 STEPS=30 FRAMEWORKS="jax torch" PEAK_TFLOPS=989 bash bench/accelerator.sh
+#
+# Knobs (environment): PYTHON (python3), STEPS (30; the first WARMUP=3 are left out of the medians),
+# SEQ (2048), GLOBAL (32 sequences = 65,536 tokens a step), MICRO (4; halved on out-of-memory down to 1,
+# same global batch), FRAMEWORKS ("jax torch"), MODEL (llama3.2-1b), PRECISION (bf16), PEAK_TFLOPS (the
+# chip's dense peak in that precision; detected from nvidia-smi for H100/H200/A100/L40S/B200),
+# PLATFORM (gpu; cpu with MODEL=tiny tries the script out without a GPU).
+# The timed path is bench/accel_step.py: TokenData batch -> backend.train_step (as trainer/loop.py runs it),
+# without the loop's metrics file and final checkpoint (~15 GB for this model).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-30}; WARMUP=${WARMUP:-3}; SEQ=${SEQ:-2048}; GLOBAL=${GLOBAL:-32}; MICRO=${MICRO:-4}
+FRAMEWORKS=${FRAMEWORKS:-"jax torch"}; MODEL=${MODEL:-llama3.2-1b}; PRECISION=${PRECISION:-bf16}
+PLATFORM=${PLATFORM:-gpu}
+# JAX takes 75% of GPU memory by default; the 1B state alone (fp32 params + AdamW) is ~15 GB
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export TRICHIP_CACHE=${TRICHIP_CACHE:-${TMPDIR:-/tmp}/trichip-cache}
+
+say() { echo "[accelerator] $*" >&2; }
+
+# ---- environment: a CUDA torch, jax[cuda12], trichip's own requirements ---------------------------------
+have() { "$PY" - "$@" <<'EOF' 2>/dev/null
+import sys
+want = sys.argv[1:]
+import importlib
+for m in ("numpy", "flax", "optax", "orbax.checkpoint", "safetensors"):
+    importlib.import_module(m)
+if "torch" in want:
+    import torch
+    assert torch.cuda.is_available() or "cpu" in want
+if "jax" in want:
+    import jax
+    assert jax.default_backend() in ("gpu", "cuda", "rocm") or "cpu" in want
+EOF
+}
+need=(); for fw in $FRAMEWORKS; do need+=("$fw"); done
+[ "$PLATFORM" = cpu ] && need+=(cpu)
+if ! have "${need[@]}"; then
+    if [ "${NO_INSTALL:-0}" = 1 ]; then
+        say "missing packages or no GPU visible to them, and NO_INSTALL=1: stopping"; exit 2
+    fi
+    say "installing: torch (CUDA build from PyPI), jax[cuda12], trichip[all]"
+    "$PY" -m pip install -q --upgrade torch 'jax[cuda12]' || exit 2
+    "$PY" -m pip install -q -e '.[all]' || exit 2
+    have "${need[@]}" || { say "after installing, torch/jax still see no GPU (nvidia-smi below)"; nvidia-smi || true; exit 2; }
+fi
+
+# ---- the chip and its peak --------------------------------------------------------------------------------
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+GPU_MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader 2>/dev/null | head -1)
+if [ -z "${PEAK_TFLOPS:-}" ]; then
+    case "$PRECISION:$GPU_NAME" in   # dense (no sparsity) tensor-core peaks, SXM parts unless named
+        bf16:*H200*|bf16:*GH200*) PEAK_TFLOPS=989 ;;
+        bf16:*H100*PCIe*) PEAK_TFLOPS=756 ;;
+        bf16:*H100*NVL*) PEAK_TFLOPS=835 ;;
+        bf16:*H100*) PEAK_TFLOPS=989 ;;
+        bf16:*B200*) PEAK_TFLOPS=2250 ;;
+        bf16:*A100*) PEAK_TFLOPS=312 ;;
+        bf16:*L40S*) PEAK_TFLOPS=362 ;;
+        fp32:*H100*|fp32:*H200*) PEAK_TFLOPS=67 ;;    # fp32 non-tensor-core; trichip fp32 disables TF32
+        fp32:*A100*) PEAK_TFLOPS=19.5 ;;
+        *) PEAK_TFLOPS="" ;;
+    esac
+fi
+say "device: ${GPU_NAME:-none seen by nvidia-smi} ${GPU_MEM:+($GPU_MEM)}; $PRECISION peak: ${PEAK_TFLOPS:-unknown (set PEAK_TFLOPS)} TFLOP/s"
+
+# ---- runs ---------------------------------------------------------------------------------------------------
+RESULTS=$(mktemp)
+for fw in $FRAMEWORKS; do
+    micro=$MICRO
+    while :; do
+        say "$fw: $MODEL $PRECISION, seq_len $SEQ, global batch $GLOBAL, micro-batch $micro, $STEPS steps"
+        line=$("$PY" bench/accel_step.py --framework "$fw" --model "$MODEL" --precision "$PRECISION" \
+                 --seq-len "$SEQ" --global-batch "$GLOBAL" --micro-batch "$micro" --steps "$STEPS" \
+                 --warmup "$WARMUP" --platform "$PLATFORM" ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
+               | grep '^RESULT ' | tail -1)
+        line=${line#RESULT }
+        if [ -z "$line" ]; then
+            line="{\"framework\": \"$fw\", \"ok\": false, \"error\": \"no result (crashed)\", \"micro_batch\": $micro}"
+        fi
+        if echo "$line" | grep -q '"oom": true' && [ "$micro" -gt 1 ]; then
+            say "$fw: out of memory at micro-batch $micro; retrying with $((micro / 2))"
+            micro=$((micro / 2)); continue
+        fi
+        echo "$line" >> "$RESULTS"; break
+    done
+done
+
+# ---- table ----------------------------------------------------------------------------------------------------
+TABLE=$("$PY" - "$RESULTS" "${GPU_NAME:-?}" "${PEAK_TFLOPS:-}" <<'EOF'
+import json, sys, datetime
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+gpu, peak = sys.argv[2], sys.argv[3]
+out = [f"### trichip on {gpu}: {rows[0].get('model', '?') if rows else '?'}, {datetime.date.today()}", "",
+       "| framework | precision | seq_len | global batch | micro-batch | step s (median) | tokens/s | TFLOP/s | "
+       f"MFU vs {peak or '?'} TFLOP/s | peak memory GB | first step s | loss first -> last | error |",
+       "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+f = lambda x, s="{:.2f}": "-" if x is None else s.format(x)
+for r in rows:
+    if r.get("ok"):
+        out.append(f"| {r['framework']} | {r['precision']} | {r['seq_len']} | {r['global_batch']} | {r['micro_batch']} | "
+                   f"{f(r['step_s'], '{:.3f}')} | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['tflops'], '{:.0f}')} | "
+                   f"{f(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {f(r.get('peak_mem_gb'), '{:.1f}')} | "
+                   f"{f(r['first_step_s'], '{:.0f}')} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | |")
+    else:
+        out.append(f"| {r.get('framework')} | {r.get('precision', '-')} | {r.get('seq_len', '-')} | "
+                   f"{r.get('global_batch', '-')} | {r.get('micro_batch', '-')} | - | - | - | - | - | - | - | "
+                   f"{r.get('error', '?')} |")
+if rows and rows[0].get("ok"):
+    r = rows[0]
+    out += ["", f"{r['params'] / 1e9:.2f}B parameters; {r['flops_per_token'] / 1e9:.2f} GFLOP/token "
+            "(models.spec.flops_per_token: 6N + attention). Steps driven as trainer/loop.py drives them "
+            f"(bench/accel_step.py); medians after the warm-up steps. MFU against the chip's dense {r['precision']} peak."]
+print("\n".join(out))
+EOF
+)
+echo "$TABLE"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT" && echo "$TABLE" > "$OUT/accelerator.md" && cp "$RESULTS" "$OUT/accelerator.jsonl"
+    say "wrote $OUT/accelerator.md and $OUT/accelerator.jsonl"
+fi
+rm -f "$RESULTS"
