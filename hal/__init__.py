@@ -5,6 +5,8 @@ machine never imports jax for training and the reverse).
 """
 from __future__ import annotations
 
+import importlib.util
+
 from hal.base import Backend, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, StepMetrics, UserError
 
 FRAMEWORKS = ("jax", "torch")
@@ -36,5 +38,30 @@ def _require(*modules: str, hint: str) -> None:
         raise UserError(f"{', '.join(missing)} not installed: {hint}")
 
 
+def jax_devices() -> dict:
+    """{platform: device count} that JAX sees (empty without jax)."""
+    if importlib.util.find_spec("jax") is None:
+        return {}
+    import jax
+    out = {}
+    for platform in ("cpu", "gpu", "tpu", "neuron"):
+        try:
+            out[platform] = len(jax.devices(platform))
+        except RuntimeError:
+            pass
+    return out
+
+
+def torch_devices() -> dict:
+    """{'cpu': threads, 'gpu': count} that torch sees (empty without torch)."""
+    if importlib.util.find_spec("torch") is None:
+        return {}
+    import torch
+    out = {"cpu": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.device_count()
+    return out
+
+
 __all__ = ["Backend", "CheckpointSaveError", "HostState", "NonFiniteError", "OptimizerSpec", "StepMetrics",
-           "UserError", "make_backend", "FRAMEWORKS"]
+           "UserError", "make_backend", "FRAMEWORKS", "jax_devices", "torch_devices"]

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 
+from hal import jax_devices, torch_devices
 from hal.neuron import INSTALL as NEURON_INSTALL, NeuronProbe
 
 
@@ -17,33 +18,10 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _jax_devices() -> dict:
-    if importlib.util.find_spec("jax") is None:
-        return {}
-    import jax
-    out = {}
-    for platform in ("cpu", "gpu", "tpu", "neuron"):
-        try:
-            out[platform] = len(jax.devices(platform))
-        except RuntimeError:
-            pass
-    return out
-
-
-def _torch_devices() -> dict:
-    if importlib.util.find_spec("torch") is None:
-        return {}
-    import torch
-    out = {"cpu": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.device_count()
-    return out
-
-
 def report() -> dict:
     versions = {d: _version(d) for d in ("jax", "jaxlib", "flax", "optax", "torch", "orbax-checkpoint",
                                          "hydra-core", "torch-neuronx", "torch-xla", "jax-neuronx", "libneuronxla")}
-    jax_dev, torch_dev, probe = _jax_devices(), _torch_devices(), NeuronProbe.detect()
+    jax_dev, torch_dev, probe = jax_devices(), torch_devices(), NeuronProbe.detect()
     targets = {
         "cpu": {"jax": bool(jax_dev.get("cpu")), "torch": bool(torch_dev),
                 "install": "pip install torch==2.13.0 && pip install -e '.[all]'"},
