@@ -3,7 +3,6 @@ target (CPU, GPU, TPU, Trainium) whether it runs here and, if not, what to insta
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import sys
 
