@@ -7,8 +7,8 @@
 JAX: a jax.profiler trace (Perfetto JSON) of two steps; each XLA thunk's time is attributed through the
 compiled HLO's op_name metadata to a model part (mlp, attention, optimizer, ...). torch: torch.profiler's
 table of aten ops. --compare linear2d times the backend's step alternately against the same backend with
-models.llama_jax.Linear computing on 2-D [tokens, features] operands (the change suggested by
-bench/RESULTS.md's findings), in this process only: nothing in models/ is changed on disk.
+models.llama_jax.Linear computing on 2-D [tokens, features] operands (a suggested models/ change), in
+this process only: nothing in models/ is changed on disk.
 """
 from __future__ import annotations
 

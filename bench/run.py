@@ -662,13 +662,22 @@ def launch_steps(overrides: list[str], env_extra: dict, nproc: int, tmp: Path, t
     cmd += overrides + [f"run_dir={run_dir}"]
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        err = "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+        err = "" if p.returncode == 0 else f"exit {p.returncode}: " + _error_line(p.stderr)
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         times = [json.loads(line)["step_time_s"] for line in lines]
     except subprocess.TimeoutExpired:
         times, err = [], f"timed out after {timeout}s"
     shutil.rmtree(run_dir, ignore_errors=True)
     return times, err
+
+
+def _error_line(stderr: str) -> str:
+    """The most telling line of a failed run's stderr (torchrun ends with separators and a summary)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-*")]
+    for ln in reversed(lines):
+        if "Error" in ln or "error:" in ln or "Exception" in ln:
+            return ln[:200].replace("|", "/")
+    return (lines[-1] if lines else "?")[:200].replace("|", "/")
 
 
 def scale_section(report: Report, opts, step_results: dict, tmp: Path) -> None:
@@ -741,6 +750,7 @@ def main(argv=None) -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--sections", default="ceiling,step,ckpt,scale")
     p.add_argument("--out", default=None, help="write the tables (with date, machine, command) here")
+    p.add_argument("--append", action="store_true", help="add this run after what --out already holds")
     p.add_argument("--seq-len", type=int, default=128, help="trainer.seq_len (default: configs/train.yaml)")
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=None)
@@ -788,9 +798,12 @@ def main(argv=None) -> None:
     ceil, step_results = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="trichip-bench-"))
 
+    previous = Path(opts.out).read_text().rstrip() + "\n\n---\n\n" if opts.out and opts.append and \
+        Path(opts.out).exists() else ""
+
     def write(done: bool) -> None:
         if opts.out:
-            Path(opts.out).write_text(header(done) + "\n" + "\n".join(report.parts))
+            Path(opts.out).write_text(previous + header(done) + "\n" + "\n".join(report.parts))
 
     def header(done: bool) -> str:
         return _header(info, started, now() - t0, load_before, os.getloadavg(), argv, done)
