@@ -10,13 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from models.errors import UserError  # noqa: F401  (re-exported: hal.base.UserError)
 from models.spec import LlamaConfig, decays
-
-
-class UserError(Exception):
-    """A problem the user fixes by changing a config value, a path or an install: printed as one line,
-    and the process exits with `exit_code`."""
-    exit_code = 2
 
 
 class CheckpointSaveError(UserError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hal.base import UserError
+from models.errors import UserError
 from models.spec import LlamaConfig, RopeScaling, param_shapes
 
 CONFIG = "config.json"
