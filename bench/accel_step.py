@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the medians (compile, autotune)")
     p.add_argument("--platform", default="gpu")
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch: torch.compile each block (hal.compile=true)")
+    p.add_argument("--attention", default="auto", help="jax: hal.attention (auto | xla | cudnn)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak in this precision")
     a = p.parse_args()
 
@@ -61,15 +63,18 @@ def main() -> None:
     cfg = SIZES[a.model]
     out = {"framework": a.framework, "model": a.model, "precision": a.precision, "seq_len": a.seq_len,
            "global_batch": a.global_batch, "micro_batch": a.micro_batch, "params": num_params(cfg),
-           "flops_per_token": flops_per_token(cfg, a.seq_len), "peak_tflops": a.peak_tflops}
+           "flops_per_token": flops_per_token(cfg, a.seq_len), "peak_tflops": a.peak_tflops,
+           "compile": a.compile if a.framework == "torch" else None}
     try:
         t0 = time.perf_counter()
-        backend = hal.make_backend({"framework": a.framework, "platform": a.platform}, cfg, hal.OptimizerSpec(),
-                                   a.precision, remat=a.remat)
+        backend = hal.make_backend({"framework": a.framework, "platform": a.platform, "compile": a.compile,
+                                    "attention": a.attention}, cfg, hal.OptimizerSpec(), a.precision, remat=a.remat)
         backend.check_batch(a.micro_batch)
         backend.set_state(hal.HostState.fresh(reference_init(cfg, 0)))
         out["setup_s"] = time.perf_counter() - t0
-        out["describe"] = {k: v for k, v in backend.describe().items() if k in ("platform", "devices", "versions")}
+        out["describe"] = {k: v for k, v in backend.describe().items()
+                           if k in ("platform", "devices", "versions", "attention")}
+        out["attention"] = out["describe"].get("attention")
         data = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size)
         accum = a.global_batch // a.micro_batch
         times, losses = [], []

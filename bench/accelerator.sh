@@ -11,7 +11,9 @@
 # SEQ (2048), GLOBAL (32 sequences = 65,536 tokens a step), MICRO (4; halved on out-of-memory down to 1,
 # same global batch), FRAMEWORKS ("jax torch"), MODEL (llama3.2-1b), PRECISION (bf16), PEAK_TFLOPS (the
 # chip's dense peak in that precision; detected from nvidia-smi for H100/H200/A100/L40S/B200),
-# PLATFORM (gpu; cpu with MODEL=tiny tries the script out without a GPU).
+# PLATFORM (gpu; cpu with MODEL=tiny tries the script out without a GPU), COMPILE (1: torch.compile each block
+# for torch), ATTENTION (auto: cuDNN flash attention for JAX on GPUs in bf16; a JAX run whose cuDNN attention
+# fails for another reason than memory is rerun once with xla).
 # The timed path is bench/accel_step.py: TokenData batch -> backend.train_step (as trainer/loop.py runs it),
 # without the loop's metrics file and final checkpoint (~15 GB for this model).
 set -uo pipefail
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-30}; WARMUP=${WARMUP:-3}; SEQ=${SEQ:-2048}; GLOBAL=${GLOBAL:-32}; MICRO=${MICRO:-4}
 FRAMEWORKS=${FRAMEWORKS:-"jax torch"}; MODEL=${MODEL:-llama3.2-1b}; PRECISION=${PRECISION:-bf16}
-PLATFORM=${PLATFORM:-gpu}
+PLATFORM=${PLATFORM:-gpu}; COMPILE=${COMPILE:-1}; ATTENTION=${ATTENTION:-auto}
 # JAX takes 75% of GPU memory by default; the 1B state alone (fp32 params + AdamW) is ~15 GB
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -74,14 +76,16 @@ fi
 say "device: ${GPU_NAME:-none seen by nvidia-smi} ${GPU_MEM:+($GPU_MEM)}; $PRECISION peak: ${PEAK_TFLOPS:-unknown (set PEAK_TFLOPS)} TFLOP/s"
 
 # ---- runs ---------------------------------------------------------------------------------------------------
-RESULTS=$(mktemp)
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; RESULTS=$OUT/accelerator.jsonl; : > "$RESULTS"; else RESULTS=$(mktemp); fi
 for fw in $FRAMEWORKS; do
-    micro=$MICRO
+    micro=$MICRO; attention=$ATTENTION; extra=()
+    [ "$fw" = torch ] && [ "$COMPILE" = 1 ] && extra+=(--compile)
     while :; do
         say "$fw: $MODEL $PRECISION, seq_len $SEQ, global batch $GLOBAL, micro-batch $micro, $STEPS steps"
         line=$("$PY" bench/accel_step.py --framework "$fw" --model "$MODEL" --precision "$PRECISION" \
                  --seq-len "$SEQ" --global-batch "$GLOBAL" --micro-batch "$micro" --steps "$STEPS" \
                  --warmup "$WARMUP" --platform "$PLATFORM" ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
+                 --attention "$attention" ${extra[@]+"${extra[@]}"} \
                | grep '^RESULT ' | tail -1)
         line=${line#RESULT }
         if [ -z "$line" ]; then
@@ -90,6 +94,10 @@ for fw in $FRAMEWORKS; do
         if echo "$line" | grep -q '"oom": true' && [ "$micro" -gt 1 ]; then
             say "$fw: out of memory at micro-batch $micro; retrying with $((micro / 2))"
             micro=$((micro / 2)); continue
+        fi
+        if [ "$fw" = jax ] && [ "$attention" = auto ] && echo "$line" | grep -q '"ok": false'; then
+            say "jax: failed with attention=auto (cuDNN on GPUs): $(echo "$line" | grep -o '"error": "[^"]*"'); retrying with xla"
+            echo "$line" >> "$RESULTS"; attention=xla; continue
         fi
         echo "$line" >> "$RESULTS"; break
     done
@@ -101,18 +109,19 @@ import json, sys, datetime
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 gpu, peak = sys.argv[2], sys.argv[3]
 out = [f"### trichip on {gpu}: {rows[0].get('model', '?') if rows else '?'}, {datetime.date.today()}", "",
-       "| framework | precision | seq_len | global batch | micro-batch | step s (median) | tokens/s | TFLOP/s | "
+       "| framework | precision | compile / attention | seq_len | global batch | micro-batch | step s (median) | tokens/s | TFLOP/s | "
        f"MFU vs {peak or '?'} TFLOP/s | peak memory GB | first step s | loss first -> last | error |",
-       "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 f = lambda x, s="{:.2f}": "-" if x is None else s.format(x)
+how = lambda r: ("torch.compile" if r.get("compile") else "eager") if r.get("framework") == "torch" else (r.get("attention") or "-")
 for r in rows:
     if r.get("ok"):
-        out.append(f"| {r['framework']} | {r['precision']} | {r['seq_len']} | {r['global_batch']} | {r['micro_batch']} | "
+        out.append(f"| {r['framework']} | {r['precision']} | {how(r)} | {r['seq_len']} | {r['global_batch']} | {r['micro_batch']} | "
                    f"{f(r['step_s'], '{:.3f}')} | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['tflops'], '{:.0f}')} | "
                    f"{f(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {f(r.get('peak_mem_gb'), '{:.1f}')} | "
                    f"{f(r['first_step_s'], '{:.0f}')} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | |")
     else:
-        out.append(f"| {r.get('framework')} | {r.get('precision', '-')} | {r.get('seq_len', '-')} | "
+        out.append(f"| {r.get('framework')} | {r.get('precision', '-')} | {how(r)} | {r.get('seq_len', '-')} | "
                    f"{r.get('global_batch', '-')} | {r.get('micro_batch', '-')} | - | - | - | - | - | - | - | "
                    f"{r.get('error', '?')} |")
 if rows and rows[0].get("ok"):
@@ -125,7 +134,8 @@ EOF
 )
 echo "$TABLE"
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT" && echo "$TABLE" > "$OUT/accelerator.md" && cp "$RESULTS" "$OUT/accelerator.jsonl"
+    echo "$TABLE" > "$OUT/accelerator.md"
     say "wrote $OUT/accelerator.md and $OUT/accelerator.jsonl"
+else
+    rm -f "$RESULTS"
 fi
-rm -f "$RESULTS"

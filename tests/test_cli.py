@@ -57,6 +57,8 @@ def _fails_cleanly(r, *needles):
     (["trainer.seq_len=0"], ["trainer.seq_len"]),
     (["trainer.stepz=3"], ["stepz"]),
     (["model.num_key_value_heads=3"], ["num_key_value_heads"]),
+    (["hal=jax", "hal.attention=flash"], ["hal.attention='flash'", "cudnn"]),
+    (["hal=jax", "hal.attention=cudnn"], ["hal.attention=cudnn", "gpu", "bf16"]),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needles):
     r = cli("launch.train", *args, f"run_dir={tmp_path}/run")
