@@ -5,10 +5,10 @@
 #
 #   bash bench/accelerator.sh                       # from anywhere; installs what is missing first
 #   NO_INSTALL=1 bash bench/accelerator.sh          # use the Python environment as it is
-#   GLOBAL=32 MICRO=4 STEPS=30 FRAMEWORKS="jax torch" PEAK_TFLOPS=989 bash bench/accelerator.sh
+#   GLOBAL=32 MICRO=8 STEPS=30 FRAMEWORKS="jax torch" PEAK_TFLOPS=989 bash bench/accelerator.sh
 #
 # Knobs (environment): PYTHON (python3), STEPS (30; the first WARMUP=3 are left out of the medians),
-# SEQ (2048), GLOBAL (32 sequences = 65,536 tokens a step), MICRO (4; halved on out-of-memory down to 1,
+# SEQ (2048), GLOBAL (32 sequences = 65,536 tokens a step), MICRO (8; halved on out-of-memory down to 1,
 # same global batch), FRAMEWORKS ("jax torch"), MODEL (llama3.2-1b), PRECISION (bf16), PEAK_TFLOPS (the
 # chip's dense peak in that precision; detected from nvidia-smi for H100/H200/A100/L40S/B200),
 # PLATFORM (gpu; cpu with MODEL=tiny tries the script out without a GPU), COMPILE (1: torch.compile each block
@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-30}; WARMUP=${WARMUP:-3}; SEQ=${SEQ:-2048}; GLOBAL=${GLOBAL:-32}; MICRO=${MICRO:-4}
+STEPS=${STEPS:-30}; WARMUP=${WARMUP:-3}; SEQ=${SEQ:-2048}; GLOBAL=${GLOBAL:-32}; MICRO=${MICRO:-8}
 FRAMEWORKS=${FRAMEWORKS:-"jax torch"}; MODEL=${MODEL:-llama3.2-1b}; PRECISION=${PRECISION:-bf16}
 PLATFORM=${PLATFORM:-gpu}; COMPILE=${COMPILE:-1}; ATTENTION=${ATTENTION:-auto}
 # JAX takes 75% of GPU memory by default; the 1B state alone (fp32 params + AdamW) is ~15 GB

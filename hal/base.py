@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -131,14 +132,35 @@ class Backend(abc.ABC):
     def check_batch(self, micro_batch: int) -> None:
         """Raise UserError if the micro-batch cannot be split over this backend's devices/processes."""
 
+    def snapshot(self, copy: bool = True) -> "Callable[[str], dict]":
+        """Capture the train state now; return `write(path)`, which writes it under `path` and returns
+        {storage name: {shape, dtype, part}} (`part`: this process's share of the tensor's digest).
+
+        This call is the only part that blocks training: with copy=True what `write` needs is copied
+        (on the device where it can be), so training may go on while another thread runs `write`.
+        `write` issues no process collectives (orbax's barriers go through the jax.distributed key-value
+        store), so it is safe beside the training step's. copy=False: `write` must run before the next step."""
+        from hal import store
+        t = self.get_state().tensors()       # host copies already
+
+        def write(path: str) -> dict:
+            store.write_tensors(path, t)
+            return store.describe(t, self.process_index)
+        return write
+
     def save(self, path: str) -> dict:
         """Write the train state's tensors under `path` (collective; nothing gathered where the backend
         holds shards). Returns {storage name: {shape, dtype, digest}} for the manifest."""
-        from hal import store
-        t = self.get_state().tensors()
-        store.write_tensors(path, t)
-        d = store.digests(t)
-        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in t.items()}
+        return self.combine(self.snapshot(copy=False)(path))
+
+    def combine(self, written: dict) -> dict:
+        """{name: {shape, dtype, part}} of every process -> {name: {shape, dtype, digest}} (collective)."""
+        names = list(written)
+        parts = np.array([written[n]["part"] for n in names], np.uint64)
+        if self.process_count > 1:
+            parts = self.allreduce(parts)
+        return {n: {"shape": written[n]["shape"], "dtype": written[n]["dtype"], "digest": int(d)}
+                for n, d in zip(names, parts)}
 
     def load(self, path: str, manifest_tensors: dict) -> dict:
         """Replace the train state with the tensors under `path`; returns {name: digest} of what was read."""

@@ -50,7 +50,7 @@ def _attention_impl(asked: str, platform: str, precision: str) -> str:
     return asked
 
 
-def maybe_initialize_distributed(mode) -> None:
+def maybe_initialize_distributed(mode, coordinator_port: int | None = None) -> None:
     """jax.distributed.initialize() for multi-host runs.
 
     mode auto: initialize when launched as several processes — by torchrun-style variables
@@ -64,7 +64,8 @@ def maybe_initialize_distributed(mode) -> None:
     if world > 1:
         if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{int(os.environ.get('MASTER_PORT', '29500')) + 1}"
+        port = coordinator_port or int(os.environ.get("MASTER_PORT", "29500")) + 1
+        addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{port}"
         jax.distributed.initialize(coordinator_address=addr, num_processes=world,
                                    process_id=int(os.environ["RANK"]))
     elif mode is True or mode == "true":
@@ -160,6 +161,8 @@ class JaxBackend(Backend):
                                    in_shardings=(p_sh, opt_sh, self.batch_sharding, rep),
                                    out_shardings=(p_sh, opt_sh, rep, rep))
         self._eval_loss = jax.jit(eval_loss, in_shardings=(p_sh, self.batch_sharding), out_shardings=rep)
+        # a real copy (jit forwards an input returned unchanged; jnp.copy makes a new buffer)
+        self._copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
         self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens),
                                in_shardings=(p_sh, rep), out_shardings=rep)
         self.params = self.opt_state = None
@@ -236,12 +239,17 @@ class JaxBackend(Backend):
             t = multihost_utils.process_allgather(t, tiled=True)
         return HostState.from_tensors({k: np.asarray(self._jax.device_get(v)) for k, v in t.items()})
 
-    def save(self, path: str) -> dict:
-        """Each process writes the shards it holds (no gather); returns {name: shape, dtype, digest}."""
+    def snapshot(self, copy: bool = True):
+        """Each process writes the shards it holds (no gather). copy=True: a copy on the device, dispatched
+        before the next step can donate the state's buffers (blocks only as long as that copy takes)."""
         t = self._tensors()
-        store.write_tensors(path, t)
-        d = store.digests(t, self.allreduce if self.process_count > 1 else None)
-        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in t.items()}
+        if copy:
+            t = self._copy(t)
+
+        def write(path: str) -> dict:
+            store.write_tensors(path, t)
+            return store.describe(t, self.process_index)
+        return write
 
     def load(self, path: str, manifest_tensors: dict) -> dict:
         """Restore straight into this mesh's shardings (any writer, any device count)."""

@@ -11,6 +11,7 @@ verified on 2 processes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -22,17 +23,15 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def digest(values: np.ndarray, index: tuple = (), shape: tuple | None = None) -> int:
-    """Digest of a shard `values` = global_array[index] of a tensor of `shape` (whole array by default)."""
+def digest_reference(values: np.ndarray, index: tuple = (), shape: tuple | None = None) -> int:
+    """The digest in plain NumPy (the definition; `digest` computes the same number faster)."""
     values = np.ascontiguousarray(values)
     shape = values.shape if shape is None else tuple(shape)
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    pos = np.zeros((1,) * len(shape), np.uint64)
-    for d, (sl, n) in enumerate(zip(index, shape)):
-        start, stop, step = sl.indices(n)
-        stride = np.uint64(math.prod(shape[d + 1:]))
-        axis = np.arange(start, stop, step, dtype=np.uint64) * stride
-        pos = pos + axis.reshape([-1 if i == d else 1 for i in range(len(shape))])
+    starts, steps, strides = _layout(values.shape, index, shape)
+    pos = np.zeros((1,) * len(values.shape), np.uint64)
+    for d, n in enumerate(values.shape):
+        axis = (np.uint64(starts[d]) + np.arange(n, dtype=np.uint64) * np.uint64(steps[d])) * np.uint64(strides[d])
+        pos = pos + axis.reshape([-1 if i == d else 1 for i in range(len(values.shape))])
     bits = values.view(f"u{values.itemsize}").astype(np.uint64)
     x = np.asarray(bits ^ (pos * _GOLDEN), np.uint64).reshape(-1)
     x ^= x >> np.uint64(31)
@@ -43,21 +42,101 @@ def digest(values: np.ndarray, index: tuple = (), shape: tuple | None = None) ->
     return int(x.sum(dtype=np.uint64))
 
 
-def _owned_digest(array) -> int:
-    """This process's share of a tensor's digest (numpy: the whole array; jax: owned shards)."""
+def _layout(local_shape: tuple, index: tuple, shape: tuple):
+    """Per dimension: the shard's first global index, its step, and the global row-major stride."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    starts, steps = [], []
+    for sl, n in zip(index, shape):
+        start, _, step = sl.indices(n)
+        starts.append(start)
+        steps.append(step)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    return starts, steps, strides
+
+
+@functools.cache
+def _digest_kernel():
+    """One jitted pass (XLA fuses hash and sum): ~6x faster than NumPy's ten passes over uint64 temporaries."""
+    import jax
+    import jax.numpy as jnp
+
+    def kernel(values, starts, steps, strides):
+        u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[values.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(values, u).astype(jnp.uint64)
+        pos = jnp.zeros(values.shape, jnp.uint64)
+        for d in range(values.ndim):
+            axis = jax.lax.broadcasted_iota(jnp.uint64, values.shape, d)
+            pos = pos + (starts[d] + axis * steps[d]) * strides[d]
+        x = bits ^ (pos * jnp.uint64(_GOLDEN))
+        x = x ^ (x >> 31)
+        x = x * jnp.uint64(_MIX1)
+        x = x ^ (x >> 27)
+        x = x * jnp.uint64(_MIX2)
+        x = x ^ (x >> 31)
+        return jnp.sum(x, dtype=jnp.uint64)
+    return jax.jit(kernel)
+
+
+def _host_device():
+    import jax
+    try:
+        return jax.local_devices(backend="cpu")[0]     # this process's (jax.devices() lists every process's)
+    except RuntimeError:         # JAX pinned to an accelerator platform only: digest there
+        return jax.local_devices()[0]
+
+
+def digest(values, index: tuple = (), shape: tuple | None = None) -> int:
+    return int(_digest_future(values, index, shape))
+
+
+def _digest_future(values, index: tuple = (), shape: tuple | None = None):
+    """Digest of a shard `values` = global_array[index] of a tensor of `shape` (whole array by default).
+
+    `values` is a NumPy array (digested on the host CPU) or a single-device jax.Array (digested where it
+    lives). The value is digest_reference's: a sum over elements of a 64-bit mix of (global position, bits)."""
+    import jax
+    shape = tuple(values.shape) if shape is None else tuple(shape)
+    if isinstance(values, np.ndarray) or np.isscalar(values):
+        values = np.asarray(values)
+        if values.dtype == np.bool_:
+            values = values.view(np.uint8)
+        values = jax.device_put(values, _host_device())
+    starts, steps, strides = _layout(values.shape, index, shape)
+    with jax.enable_x64(True):     # thread-local: the model's own dtypes are untouched
+        args = [np.asarray(v, np.uint64).reshape(-1) for v in (starts, steps, strides)]
+        return _digest_kernel()(values, *args)     # dispatched, not waited for
+
+
+def _owned_digest(array) -> list:
+    """This process's share of a tensor's digest, as parts to add (numpy: the whole array; jax: owned shards)."""
     if isinstance(array, np.ndarray) or np.isscalar(array):
-        return digest(np.asarray(array))
-    total = 0
-    for shard in array.addressable_shards:
-        if shard.replica_id == 0:
-            total += digest(np.asarray(shard.data), shard.index, array.shape)
-    return total % 2**64
+        return [_digest_future(np.asarray(array))]
+    return [_digest_future(shard.data, shard.index, array.shape)
+            for shard in array.addressable_shards if shard.replica_id == 0]
+
+
+def digest_parts(tensors: dict, process_index: int = 0) -> np.ndarray:
+    """This process's parts of each tensor's digest (uint64, in `tensors` order), with no collective:
+    jax.Arrays count the shards this process owns (replica 0); a NumPy array is a whole replica every
+    process holds, counted on process 0 only. Summed over processes (mod 2**64) they are the digests."""
+    pending = [[] if isinstance(v, np.ndarray) and process_index != 0 else _owned_digest(v)
+               for v in tensors.values()]           # every kernel dispatched before the first wait
+    return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
+
+
+def describe(tensors: dict, process_index: int = 0) -> dict:
+    """{name: {shape, dtype, part}} of tensors just written (see digest_parts)."""
+    parts = digest_parts(tensors, process_index)
+    return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype if isinstance(v, (np.ndarray, np.generic))
+                                                       else v.dtype), "part": int(p)}
+            for (k, v), p in zip(tensors.items(), parts)}
 
 
 def digests(tensors: dict, allreduce=None) -> dict[str, int]:
     """{name: digest}. With several processes, `allreduce(np.uint64 array) -> summed array` adds the parts."""
     names = list(tensors)
-    parts = np.array([_owned_digest(tensors[n]) for n in names], np.uint64)
+    pending = [_owned_digest(tensors[n]) for n in names]    # every kernel dispatched before the first wait
+    parts = np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
     if allreduce is not None:
         parts = allreduce(parts)
     return {n: int(v) for n, v in zip(names, parts)}
@@ -82,7 +161,8 @@ def write_tensors(path: str, tensors: dict) -> None:
     process calls it with its (sharded) arrays; each writes what it owns."""
     import orbax.checkpoint as ocp
     _use_distributed_barriers()
-    with ocp.PyTreeCheckpointer() as ckptr:
+    # No zstd: optimizer moments and weights barely compress (a few %), and compressing tripled the write time.
+    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:
         ckptr.save(os.path.abspath(path), _nested(tensors))
 
 

@@ -36,6 +36,13 @@ def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | 
     raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu, neuron for hal=torch")
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 class TorchBackend(Backend):
     framework = "torch"
 
@@ -213,7 +220,14 @@ class TorchBackend(Backend):
             import jax
             jax.config.update("jax_platforms", "cpu")
             from hal.jax_backend import maybe_initialize_distributed
-            maybe_initialize_distributed("auto")
+            port = None
+            if self.distributed and not jax.distributed.is_initialized():
+                # rank 0 picks a free port for JAX's coordinator and tells the others over torch's group
+                # (MASTER_PORT + 1, JAX's default under torchrun, may be taken by anything on the host)
+                box = [_free_port() if self.process_index == 0 else None]
+                self._dist.broadcast_object_list(box, src=0)
+                port = box[0]
+            maybe_initialize_distributed("auto", coordinator_port=port)
             from jax.sharding import Mesh
             devices = sorted(jax.devices(), key=lambda dev: dev.process_index)
             self._jax_mesh = Mesh(np.array(devices).reshape(self.mesh_sizes["data"], self.mesh_sizes["fsdp"]),
@@ -248,23 +262,35 @@ class TorchBackend(Backend):
                 out[f"opt/mu/{n}"] = out[f"opt/nu/{n}"] = self._torch.zeros_like(p)
         return out
 
-    def save(self, path: str) -> dict:
-        if not self.distributed:
-            return super().save(path)
-        import jax
-        tensors = {}
-        for name, t in self._sharded_tensors().items():
-            shape = tuple(t.shape)
-            sharding = self._jax_sharding(shape)
-            local = (self._local(t) if self._row_sharded(shape) else t.full_tensor()).detach().float().cpu().numpy()
-            dev = jax.local_devices()[0]
-            tensors[name] = jax.make_array_from_single_device_arrays(shape, sharding, [jax.device_put(local, dev)])
+    def snapshot(self, copy: bool = True):
+        """This process's part of the state, cloned where it lives (device memory on a GPU; a memcpy on the
+        CPU) so training may go on; `write` moves it to the host and writes it. Under FSDP2 every rank
+        writes only its own rows, through orbax as global jax.Arrays on a CPU mesh over the same ranks."""
+        torch = self._torch
         count = max([int(st["step"]) for st in self.opt.state.values()] or [0])
-        tensors["opt/count"] = np.asarray(count, np.int32)
-        store.write_tensors(path, tensors)
-        d = store.digests({k: v for k, v in tensors.items() if k != "opt/count"}, self.allreduce)
-        d["opt/count"] = store.digest(tensors["opt/count"])
-        return {k: {"shape": list(v.shape), "dtype": str(v.dtype), "digest": d[k]} for k, v in tensors.items()}
+        local = {}
+        for name, t in self._sharded_tensors().items():
+            # a dim 0 FSDP2 cannot split evenly: gathered now (a collective: this thread, not `write`)
+            v = self._local(t) if (not self.distributed or self._row_sharded(tuple(t.shape))) else t.full_tensor()
+            local[name] = (tuple(t.shape), v.detach().clone() if copy else v.detach())
+        if self.distributed:
+            self._jax_io()          # jax.distributed is started here, on the training thread
+
+        def write(path: str) -> dict:
+            with torch.no_grad():
+                host = {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
+            if self.distributed:
+                import jax
+                dev = jax.local_devices()[0]
+                tensors = {n: jax.make_array_from_single_device_arrays(shape, self._jax_sharding(shape),
+                                                                      [jax.device_put(v, dev)])
+                           for n, (shape, v) in host.items()}
+            else:
+                tensors = {n: v for n, (shape, v) in host.items()}
+            tensors["opt/count"] = np.asarray(count, np.int32)
+            store.write_tensors(path, tensors)
+            return store.describe(tensors, self.process_index)
+        return write
 
     def load(self, path: str, manifest_tensors: dict) -> dict:
         if not self.distributed:

@@ -2,6 +2,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import pytest
 from hal import HostState, OptimizerSpec, UserError, make_backend
 from models.spec import SIZES, reference_init
 from trainer import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 META = {"model": {}, "writer": {}}
 
@@ -94,3 +99,82 @@ def test_not_a_checkpoint(tmp_path, backend):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="format version 99"):
         checkpoint.load(tmp_path / "b", backend)
+
+
+def test_digest_is_the_reference_value_under_any_sharding():
+    """hal.store.digest (one jitted pass) gives digest_reference's number (plain NumPy, the definition),
+    for every dtype a state holds, and the digests of a tensor's shards add up to the whole tensor's
+    however it is cut (rows, columns, strided) and however 8 host devices hold it."""
+    from hal import store
+    rng = np.random.default_rng(3)
+    cases = [rng.standard_normal((33, 17)).astype(np.float32), np.asarray(7, np.int32),
+             rng.integers(0, 2**16, (5, 3, 4)).astype(np.uint16), rng.standard_normal(1000).astype(np.float32),
+             np.array([True, False, True])]
+    for a in cases:
+        assert store.digest(a) == store.digest_reference(a), a.dtype
+    a = cases[0]
+    whole = store.digest(a)
+    flipped = a.copy()
+    flipped[3, 4] = np.nextafter(flipped[3, 4], np.float32(np.inf))
+    assert store.digest(flipped) != whole
+    swapped = a.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert store.digest(swapped) != whole                   # position-aware: a moved row is a change
+    for cut in ([slice(0, 10), slice(10, 33)], [slice(0, 33, 2), slice(1, 33, 2)]):
+        assert sum(store.digest(a[s], (s,), a.shape) for s in cut) % 2**64 == whole
+    cols = [(slice(None), slice(k, 17, 3)) for k in range(3)]
+    assert sum(store.digest(a[s], s, a.shape) for s in cols) % 2**64 == whole
+    code = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hal import store
+assert len(jax.devices()) == 8
+b = np.random.default_rng(4).standard_normal((64, 24)).astype(np.float32)
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+for spec in (P("x", "y"), P("y"), P(None, "x"), P()):
+    assert store.digests({"b": jax.device_put(b, NamedSharding(mesh, spec))})["b"] == store.digest_reference(b), spec
+print("same")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0 and r.stdout.strip() == "same", r.stderr[-3000:]
+
+
+def test_async_snapshot_is_the_state_when_taken(tmp_path, backend):
+    """backend.snapshot() copies the state; training on (JAX donates the state's buffers to the next step,
+    torch updates its tensors in place) does not change what the background write then stores."""
+    from trainer.data import TokenData
+    backend.set_state(_state(seed=4, count=2))
+    before = backend.get_state()
+    pending = checkpoint.PendingSave(tmp_path, 2, backend, META, "", background=True)
+    data = TokenData("builtin:python_docs", 32, 0, SIZES["tiny"].vocab_size)
+    for step in range(2):
+        backend.train_step(data.train_batch(step, 4).reshape(1, 4, 33), 1e-3)
+    after = backend.get_state()
+    assert not np.array_equal(after.params["model.norm.weight"], before.params["model.norm.weight"])
+    path = pending.finish()
+    assert path == tmp_path / "2" and not (tmp_path / ".tmp-2").exists()
+    checkpoint.load(path, backend)                    # digests verified on load
+    loaded = backend.get_state()
+    assert loaded.count == 2
+    for group in ("params", "mu", "nu"):
+        a, b = getattr(before, group), getattr(loaded, group)
+        assert all(np.array_equal(a[k], b[k]) for k in a), group
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_async_and_sync_saves_write_the_same_checkpoints(tmp_path, fw):
+    """A run with trainer.async_save=true commits the same checkpoints (steps, digests, values) as one
+    that blocks on every save, and trains the same losses."""
+    from conftest import metrics, train
+    common = (f"hal={fw}", "trainer.steps=7", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",
+              "trainer.seq_len=32", "trainer.global_batch=4", "trainer.eval_every=0")
+    train(tmp_path / "async", *common, "trainer.async_save=true")
+    train(tmp_path / "sync", *common, "trainer.async_save=false")
+    steps = lambda run: sorted(int(p.name) for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert steps(tmp_path / "async") == steps(tmp_path / "sync") == [2, 4, 6, 7]
+    for s in (2, 4, 6, 7):
+        a, b = (checkpoint.read_manifest(tmp_path / run / "checkpoints" / str(s)) for run in ("async", "sync"))
+        assert {k: v["digest"] for k, v in a["tensors"].items()} == {k: v["digest"] for k, v in b["tensors"].items()}
+        assert a["data"]["next_step"] == s
+    assert [m["loss"] for m in metrics(tmp_path / "async")] == [m["loss"] for m in metrics(tmp_path / "sync")]

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,59 +72,109 @@ def save(root: Path, step: int, backend, meta: dict, config_yaml: str = "", stag
     dir's .staging/): the checkpoint is saved there as above, then process 0 uploads it (manifest last)
     and removes the local copy. A failed upload raises remote.RemoteError (an OSError) on every process.
     """
-    if is_remote(root):
-        return _save_remote(RemotePath(root), step, backend, meta, config_yaml, staging)
-    root = Path(root)
-    final, tmp = root / str(step), root / f".tmp-{step}"
-    lead = backend.process_index == 0
-    if lead:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)     # a crashed earlier attempt at this step
-        tmp.mkdir()
-    backend.barrier(f"checkpoint-{step}-start")
-    try:
-        tensors = backend.save(str(tmp / "state"))
-        if lead:
-            manifest = dict(meta, format_version=FORMAT_VERSION, step=step, tensors=tensors)
-            (tmp / "config.yaml").write_text(config_yaml)
-            with open(tmp / MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():       # the same step saved again (a resumed run's last step): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(root)
-    except BaseException:
-        if lead:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backend.barrier(f"checkpoint-{step}-done")
-    return final
+    return PendingSave(root, step, backend, meta, config_yaml, staging, background=False).finish()
 
 
-def _save_remote(root: RemotePath, step: int, backend, meta: dict, config_yaml: str, staging) -> RemotePath:
-    if staging is None:
-        raise ValueError(f"saving to {root} needs a local staging directory")
-    staging = Path(staging)
-    lead = backend.process_index == 0
-    if lead:
-        shutil.rmtree(staging, ignore_errors=True)      # what a run killed mid-save or mid-upload left
-    local = save(staging, step, backend, meta, config_yaml)
-    dest, error = root / str(step), None
-    if lead:
+class PendingSave:
+    """One checkpoint on its way to disk. background=True (trainer.async_save): the state is copied now
+    (the only part that blocks training) and written by a thread while training goes on; `finish()`,
+    called on every process at the same step, then adds the digests up, writes the manifest and renames
+    the directory into place (and uploads it to an object store). Until then the checkpoint is a
+    .tmp-<step> directory that a crash leaves behind and the next save or resume removes."""
+
+    def __init__(self, root, step: int, backend, meta: dict, config_yaml: str = "", staging=None,
+                 background: bool = True):
+        self.step, self.backend, self.meta, self.config_yaml = step, backend, meta, config_yaml
+        self.remote = RemotePath(root) if is_remote(root) else None
+        if self.remote is not None:
+            if staging is None:
+                raise ValueError(f"saving to {root} needs a local staging directory")
+            root = Path(staging)
+        self.root = Path(root)
+        self.final, self.tmp = self.root / str(step), self.root / f".tmp-{step}"
+        self.lead = backend.process_index == 0
+        self.written, self.error, self._thread = None, None, None
+        if self.lead:
+            if self.remote is not None:
+                shutil.rmtree(self.root, ignore_errors=True)     # what a run killed mid-save or mid-upload left
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)          # a crashed earlier attempt at this step
+            self.tmp.mkdir()
+        backend.barrier(f"checkpoint-{step}-start")
         try:
-            upload(local, dest)
-        except Exception as e:          # UserError too (credentials expired mid-run): the save policy applies
-            error = e if isinstance(e, OSError) else remote.RemoteError(f"upload to {dest} failed: {e}")
-            with contextlib.suppress(Exception):
-                dest.store.delete_prefix(dest.key, first=(MANIFEST,))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    _agree(backend, error, f"the upload to {dest}")
-    if error is None:
-        _seen[root.url] = sorted(set(_seen.get(root.url, [])) | {step})
-    return dest
+            write = backend.snapshot(copy=background)
+        except BaseException:
+            self._cleanup()
+            raise
+        if background:
+            self._thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{step}",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._write(write)
+
+    def _write(self, write) -> None:
+        try:
+            self.written = write(str(self.tmp / "state"))
+        except BaseException as e:   # noqa: BLE001  (handed to finish(), on the training thread)
+            self.error = e
+
+    def done(self) -> bool:
+        """The background write has ended (well or not) on this process."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def _cleanup(self) -> None:
+        if self.lead:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self):
+        """Wait for the write, then commit (collective: every process, same step). Raises the write's
+        error on every process if it failed on any (the temp directory is removed)."""
+        if self._thread is not None:
+            self._thread.join()
+        backend = self.backend
+        try:
+            failed = self.error is not None
+            if backend.process_count > 1:
+                failed = bool(backend.allreduce(np.array([int(failed)], np.uint64))[0])
+            if failed:
+                raise self.error if self.error is not None else OSError(
+                    f"checkpoint {self.step}: the write failed on another process")
+            tensors = backend.combine(self.written)
+            if self.lead:
+                manifest = dict(self.meta, format_version=FORMAT_VERSION, step=self.step, tensors=tensors)
+                (self.tmp / "config.yaml").write_text(self.config_yaml)
+                with open(self.tmp / MANIFEST, "w") as f:
+                    json.dump(manifest, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if self.final.exists():       # the same step saved again (a resumed run's last step): replace it
+                    shutil.rmtree(self.final)
+                os.rename(self.tmp, self.final)
+                _fsync_dir(self.root)
+        except BaseException:
+            self._cleanup()
+            raise
+        backend.barrier(f"checkpoint-{self.step}-done")
+        if self.remote is None:
+            return self.final
+        return self._upload()
+
+    def _upload(self) -> RemotePath:
+        root, dest, error = self.remote, self.remote / str(self.step), None
+        if self.lead:
+            try:
+                upload(self.final, dest)
+            except Exception as e:          # UserError too (credentials expired mid-run): the save policy applies
+                error = e if isinstance(e, OSError) else remote.RemoteError(f"upload to {dest} failed: {e}")
+                with contextlib.suppress(Exception):
+                    dest.store.delete_prefix(dest.key, first=(MANIFEST,))
+            finally:
+                shutil.rmtree(self.root, ignore_errors=True)
+        _agree(self.backend, error, f"the upload to {dest}")
+        if error is None:
+            _seen[root.url] = sorted(set(_seen.get(root.url, [])) | {self.step})
+        return dest
 
 
 def upload(local: Path, dest, commit: bool = True) -> None:

@@ -97,6 +97,9 @@ class Run:
         for key, allowed in (("on_nonfinite", ("stop", "skip")), ("on_save_error", ("stop", "continue"))):
             if t.get(key, allowed[0]) not in allowed:
                 raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}")
+        if not isinstance(t.get("async_save", True), bool):
+            raise UserError(f"trainer.async_save must be true or false, got {t.get('async_save')!r}")
+        self.async_save = t.get("async_save", True)
         self.seed = cfg.get("seed", 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -280,25 +283,44 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
             "rng": {"seed": run.seed}}
     on_nonfinite, on_save_error = t.get("on_nonfinite", "stop"), t.get("on_save_error", "stop")
 
-    def save(done: int) -> None:
+    pending: checkpoint.PendingSave | None = None
+
+    def failed(step: int, e: Exception) -> None:
+        if lead:
+            checkpoint.prune(run.ckpt_root, run.keep)   # removes the half-written temp dir
+        good = checkpoint.list_steps(run.ckpt_root, best_effort=True)
+        reason = _io_reason(e)
+        msg = (f"checkpoint at step {step} failed ({reason}); earlier checkpoints are intact "
+               f"(latest: {good[-1] if good else 'none'})")
+        if on_save_error == "continue":
+            log.error("%s; training goes on (trainer.on_save_error=continue)", msg)
+            return
+        raise CheckpointSaveError(msg + "; free space or set trainer.on_save_error=continue") from None
+
+    def commit() -> None:
+        """Finish the pending save (every process at the same step): manifest, rename, prune."""
+        nonlocal pending
+        p, pending = pending, None
         try:
-            path = checkpoint.save(run.ckpt_root, done, backend,
-                                   dict(meta, data=dict(meta["data"], next_step=done)), config_yaml,
-                                   staging=run.run_dir / STAGING)
+            path = p.finish()
         except (OSError, ValueError, RuntimeError) as e:   # orbax/tensorstore report I/O errors as ValueError
-            if lead:
-                checkpoint.prune(run.ckpt_root, run.keep)   # removes the half-written temp dir
-            good = checkpoint.list_steps(run.ckpt_root, best_effort=True)
-            reason = _io_reason(e)
-            msg = (f"checkpoint at step {done} failed ({reason}); earlier checkpoints are intact "
-                   f"(latest: {good[-1] if good else 'none'})")
-            if on_save_error == "continue":
-                log.error("%s; training goes on (trainer.on_save_error=continue)", msg)
-                return
-            raise CheckpointSaveError(msg + "; free space or set trainer.on_save_error=continue") from None
+            return failed(p.step, e)
         if lead:
             checkpoint.prune(run.ckpt_root, run.keep)
         log.info("checkpoint %s", path)
+
+    def save(done: int, wait: bool = False) -> None:
+        nonlocal pending
+        if pending is not None:
+            commit()
+        try:
+            pending = checkpoint.PendingSave(run.ckpt_root, done, backend,
+                                             dict(meta, data=dict(meta["data"], next_step=done)), config_yaml,
+                                             staging=run.run_dir / STAGING, background=run.async_save and not wait)
+        except (OSError, ValueError, RuntimeError) as e:
+            return failed(done, e)
+        if wait or not run.async_save:
+            commit()
 
     bar = _progress(run.steps, start_step) if lead else None
     scalars = Scalars(run.run_dir, enabled=lead and t.get("tensorboard", True))
@@ -327,6 +349,8 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
             scalars.add(done, last)
             if m.skipped:
                 if on_nonfinite == "stop":
+                    if pending is not None:      # a good step's checkpoint still being written: keep it
+                        commit()
                     raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
                                          f"{done}; the update was not applied and the last good checkpoint is kept "
                                          f"(set trainer.on_nonfinite=skip to skip such steps)")
@@ -345,15 +369,22 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
                 bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
                 bar.update(1)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
-                save(done)
+                save(done, wait=done == run.steps)
                 saved_at = done
-            if _agreed_stop(backend, stop.signum is not None):
+            stop_now, written = _agree_step(backend, stop.signum is not None, pending is None or pending.done())
+            if pending is not None and written:
+                commit()
+            if stop_now:
                 if saved_at != done:
-                    save(done)
+                    save(done, wait=True)
+                elif pending is not None:
+                    commit()
                 preempted = stop.name or "a signal on another process"
                 log.info("stopped by %s at step %d: checkpoint written; run the same command to resume",
                          preempted, done)
                 break
+        if pending is not None:
+            commit()
     if bar:
         bar.close()
     scalars.close()
@@ -372,11 +403,14 @@ def _io_reason(e: Exception) -> str:
     return os.strerror(int(code.group(1))) if code else (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
 
 
-def _agreed_stop(backend, requested: bool) -> bool:
-    """Every process stops after the same step: the request of any one is shared with all."""
+def _agree_step(backend, requested: bool, written: bool) -> tuple[bool, bool]:
+    """After each step, every process learns the same two things: whether any was asked to stop (a
+    signal on one stops all after the same step), and whether every process's background checkpoint
+    write has ended (then all commit it at this step)."""
     if backend.process_count == 1:
-        return requested
-    return bool(backend.allreduce(np.array([int(requested)], np.uint64))[0])
+        return requested, written
+    v = backend.allreduce(np.array([int(requested), int(not written)], np.uint64))
+    return bool(v[0]), not bool(v[1])
 
 
 def _precompile(backend, data: TokenData, run: Run, start_step: int) -> dict:
