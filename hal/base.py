@@ -124,6 +124,7 @@ class Backend(abc.ABC):
     # -- checkpoints and processes. Defaults: one process holding the whole state on the host. ----
     process_index = 0
     process_count = 1
+    async_save_default = True     # trainer.async_save=auto
 
     def compilations(self) -> dict:
         """Compilation counts of the step functions, where the backend compiles them."""
@@ -144,8 +145,7 @@ class Backend(abc.ABC):
         t = self.get_state().tensors()       # host copies already
 
         def write(path: str) -> dict:
-            store.write_tensors(path, t)
-            return store.describe(t, self.process_index)
+            return store.write_and_describe(path, t, self.process_index)
         return write
 
     def save(self, path: str) -> dict:

@@ -247,8 +247,8 @@ class JaxBackend(Backend):
             t = self._copy(t)
 
         def write(path: str) -> dict:
-            store.write_tensors(path, t)
-            return store.describe(t, self.process_index)
+            return store.write_and_describe(path, t, self.process_index)
+        write.tensors = t          # what the write holds (the copies): callers may wait on them
         return write
 
     def load(self, path: str, manifest_tensors: dict) -> dict:

@@ -124,6 +124,15 @@ def digest_parts(tensors: dict, process_index: int = 0) -> np.ndarray:
     return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
 
 
+def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict:
+    """write_tensors and describe, the digests computed beside the write (both release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1, thread_name_prefix="digests") as pool:
+        described = pool.submit(describe, tensors, process_index)
+        write_tensors(path, tensors)
+        return described.result()
+
+
 def describe(tensors: dict, process_index: int = 0) -> dict:
     """{name: {shape, dtype, part}} of tensors just written (see digest_parts)."""
     parts = digest_parts(tensors, process_index)

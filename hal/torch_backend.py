@@ -68,6 +68,9 @@ class TorchBackend(Backend):
             COMM_BACKEND["neuron"] = self.hooks.process_group_backend
             compile_backend = self.hooks.compile_backend or compile_backend
         self.platform, self.device = _select_device(platform, local_rank, self.hooks)
+        # On CPUs torch's OpenMP threads spin-wait; a background checkpoint write beside them slowed the next
+        # step by ~1 step (bench/run.py table 4c) where a blocking save takes ~1/3 of one: block there.
+        self.async_save_default = self.platform != "cpu"
         self.distributed = world > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(COMM_BACKEND[self.platform])
@@ -288,8 +291,7 @@ class TorchBackend(Backend):
             else:
                 tensors = {n: v for n, (shape, v) in host.items()}
             tensors["opt/count"] = np.asarray(count, np.int32)
-            store.write_tensors(path, tensors)
-            return store.describe(tensors, self.process_index)
+            return store.write_and_describe(path, tensors, self.process_index)
         return write
 
     def load(self, path: str, manifest_tensors: dict) -> dict:

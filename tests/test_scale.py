@@ -63,7 +63,7 @@ def test_jax_mesh_on_8_devices_equals_single_device(single, tmp_path, mesh):
 
 
 def test_fsdp2_two_processes_equals_single_process(single, tmp_path):
-    launch(tmp_path / "run", "hal=torch", nproc=2)
+    launch(tmp_path / "run", "hal=torch", "trainer.async_save=true", nproc=2)   # (auto blocks on CPUs)
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["comm_backend"] == "gloo" and w["mesh"]["fsdp"] == 2
     assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= 1e-5
@@ -112,7 +112,7 @@ def test_jax_8_devices_to_torch_2_processes_and_back(single, tmp_path):
 def _torch2_run(tmp_path):
     run = tmp_path / "torch2"
     if not run.exists():
-        launch(run, "hal=torch", nproc=2)
+        launch(run, "hal=torch", "trainer.async_save=true", nproc=2)   # its checkpoints: written in the background
         assert writer(run, 10)["process_count"] == 2
     return run
 

@@ -106,6 +106,7 @@ class PendingSave:
         except BaseException:
             self._cleanup()
             raise
+        self.held = getattr(write, "tensors", None)     # the snapshot, where the backend shows it (JAX)
         if background:
             self._thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{step}",
                                             daemon=True)

@@ -97,9 +97,9 @@ class Run:
         for key, allowed in (("on_nonfinite", ("stop", "skip")), ("on_save_error", ("stop", "continue"))):
             if t.get(key, allowed[0]) not in allowed:
                 raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}")
-        if not isinstance(t.get("async_save", True), bool):
-            raise UserError(f"trainer.async_save must be true or false, got {t.get('async_save')!r}")
-        self.async_save = t.get("async_save", True)
+        if not (isinstance(t.get("async_save", "auto"), bool) or t.get("async_save", "auto") == "auto"):
+            raise UserError(f"trainer.async_save must be auto, true or false, got {t.get('async_save')!r}")
+        self.async_save = t.get("async_save", "auto")     # auto: the backend's async_save_default
         self.seed = cfg.get("seed", 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -284,6 +284,7 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
     on_nonfinite, on_save_error = t.get("on_nonfinite", "stop"), t.get("on_save_error", "stop")
 
     pending: checkpoint.PendingSave | None = None
+    async_save = backend.async_save_default if run.async_save == "auto" else run.async_save
 
     def failed(step: int, e: Exception) -> None:
         if lead:
@@ -316,10 +317,10 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
         try:
             pending = checkpoint.PendingSave(run.ckpt_root, done, backend,
                                              dict(meta, data=dict(meta["data"], next_step=done)), config_yaml,
-                                             staging=run.run_dir / STAGING, background=run.async_save and not wait)
+                                             staging=run.run_dir / STAGING, background=async_save and not wait)
         except (OSError, ValueError, RuntimeError) as e:
             return failed(done, e)
-        if wait or not run.async_save:
+        if wait or not async_save:
             commit()
 
     bar = _progress(run.steps, start_step) if lead else None
