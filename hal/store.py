@@ -77,6 +77,9 @@ def _digest_kernel():
     return jax.jit(kernel)
 
 
+_DIGEST_ON_DEVICE = ("cpu", "gpu", "cuda", "rocm")
+
+
 def _host_device():
     import jax
     try:
@@ -96,6 +99,8 @@ def _digest_future(values, index: tuple = (), shape: tuple | None = None):
     lives). The value is digest_reference's: a sum over elements of a 64-bit mix of (global position, bits)."""
     import jax
     shape = tuple(values.shape) if shape is None else tuple(shape)
+    if isinstance(values, jax.Array) and next(iter(values.devices())).platform not in _DIGEST_ON_DEVICE:
+        values = np.asarray(values)      # TPU, Neuron: 64-bit integers are emulated or narrowed there
     if isinstance(values, np.ndarray) or np.isscalar(values):
         values = np.asarray(values)
         if values.dtype == np.bool_:
@@ -107,35 +112,50 @@ def _digest_future(values, index: tuple = (), shape: tuple | None = None):
         return _digest_kernel()(values, *args)     # dispatched, not waited for
 
 
-def _owned_digest(array) -> list:
-    """This process's share of a tensor's digest, as parts to add (numpy: the whole array; jax: owned shards)."""
+def _owned_shards(array) -> list:
+    """[(values, index, global shape)] this process digests for a tensor: a NumPy array whole; a
+    jax.Array's addressable shards of replica 0 (each a single-device array)."""
     if isinstance(array, np.ndarray) or np.isscalar(array):
-        return [_digest_future(np.asarray(array))]
-    return [_digest_future(shard.data, shard.index, array.shape)
-            for shard in array.addressable_shards if shard.replica_id == 0]
+        array = np.asarray(array)
+        return [(array, (), array.shape)]
+    return [(shard.data, shard.index, array.shape) for shard in array.addressable_shards if shard.replica_id == 0]
+
+
+def _shard_jobs(tensors: dict, process_index: int) -> list:
+    """Per tensor, the shards whose digests this process adds (a NumPy array: process 0 only)."""
+    return [[] if isinstance(v, np.ndarray) and process_index != 0 else _owned_shards(v) for v in tensors.values()]
+
+
+def _sum_parts(jobs: list) -> np.ndarray:
+    pending = [[_digest_future(*job) for job in shards] for shards in jobs]   # all dispatched, then waited for
+    return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
 
 
 def digest_parts(tensors: dict, process_index: int = 0) -> np.ndarray:
     """This process's parts of each tensor's digest (uint64, in `tensors` order), with no collective:
     jax.Arrays count the shards this process owns (replica 0); a NumPy array is a whole replica every
     process holds, counted on process 0 only. Summed over processes (mod 2**64) they are the digests."""
-    pending = [[] if isinstance(v, np.ndarray) and process_index != 0 else _owned_digest(v)
-               for v in tensors.values()]           # every kernel dispatched before the first wait
-    return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
+    return _sum_parts(_shard_jobs(tensors, process_index))
 
 
 def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict:
-    """write_tensors and describe, the digests computed beside the write (both release the GIL)."""
+    """write_tensors and describe, the digests computed beside the write (both release the GIL). The
+    shards are taken here first: a jax.Array's shard list is built lazily, and building it from two
+    threads at once handed orbax a wrong object."""
     from concurrent.futures import ThreadPoolExecutor
+    jobs = _shard_jobs(tensors, process_index)
     with ThreadPoolExecutor(1, thread_name_prefix="digests") as pool:
-        described = pool.submit(describe, tensors, process_index)
+        parts = pool.submit(_sum_parts, jobs)
         write_tensors(path, tensors)
-        return described.result()
+        return _described(tensors, parts.result())
 
 
 def describe(tensors: dict, process_index: int = 0) -> dict:
     """{name: {shape, dtype, part}} of tensors just written (see digest_parts)."""
-    parts = digest_parts(tensors, process_index)
+    return _described(tensors, digest_parts(tensors, process_index))
+
+
+def _described(tensors: dict, parts: np.ndarray) -> dict:
     return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype if isinstance(v, (np.ndarray, np.generic))
                                                        else v.dtype), "part": int(p)}
             for (k, v), p in zip(tensors.items(), parts)}
@@ -144,8 +164,7 @@ def describe(tensors: dict, process_index: int = 0) -> dict:
 def digests(tensors: dict, allreduce=None) -> dict[str, int]:
     """{name: digest}. With several processes, `allreduce(np.uint64 array) -> summed array` adds the parts."""
     names = list(tensors)
-    pending = [_owned_digest(tensors[n]) for n in names]    # every kernel dispatched before the first wait
-    parts = np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
+    parts = _sum_parts([_owned_shards(tensors[n]) for n in names])
     if allreduce is not None:
         parts = allreduce(parts)
     return {n: int(v) for n, v in zip(names, parts)}

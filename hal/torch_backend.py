@@ -70,7 +70,8 @@ class TorchBackend(Backend):
         self.platform, self.device = _select_device(platform, local_rank, self.hooks)
         # On CPUs torch's OpenMP threads spin-wait; a background checkpoint write beside them slowed the next
         # step by ~1 step (bench/run.py table 4c) where a blocking save takes ~1/3 of one: block there.
-        self.async_save_default = self.platform != "cpu"
+        # Neuron (torch-xla / TorchNeuron) is left blocking too: a second thread beside its graphs is untested.
+        self.async_save_default = self.platform == "gpu"
         self.distributed = world > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(COMM_BACKEND[self.platform])

@@ -141,25 +141,43 @@ print("same")
 
 
 def test_async_snapshot_is_the_state_when_taken(tmp_path, backend):
-    """backend.snapshot() copies the state; training on (JAX donates the state's buffers to the next step,
-    torch updates its tensors in place) does not change what the background write then stores."""
+    """backend.snapshot() copies the state: training on (JAX donates the state's buffers to the next step,
+    torch updates its tensors in place) does not change what the write then stores — here the write runs
+    only after two more steps. Then the same through PendingSave's background thread."""
     from trainer.data import TokenData
-    backend.set_state(_state(seed=4, count=2))
-    before = backend.get_state()
-    pending = checkpoint.PendingSave(tmp_path, 2, backend, META, "", background=True)
     data = TokenData("builtin:python_docs", 32, 0, SIZES["tiny"].vocab_size)
-    for step in range(2):
-        backend.train_step(data.train_batch(step, 4).reshape(1, 4, 33), 1e-3)
-    after = backend.get_state()
-    assert not np.array_equal(after.params["model.norm.weight"], before.params["model.norm.weight"])
+    batch = lambda step: data.train_batch(step, 4).reshape(1, 4, 33)  # noqa: E731
+    backend.set_state(_state(seed=4, count=2))
+    backend.train_step(batch(0), 1e-3)                # compiled (JAX) before the snapshot
+    before = backend.get_state()
+    write = backend.snapshot(copy=True)
+    for step in range(1, 3):
+        backend.train_step(batch(step), 1e-3)
+    assert not np.array_equal(backend.get_state().params["model.norm.weight"], before.params["model.norm.weight"])
+    written = write(str(tmp_path / "direct"))
+    assert backend.combine(written) and set(written) == set(before.tensors())
+    back = HostState.from_tensors(store_read(tmp_path / "direct", list(written)))
+    for group in ("params", "mu", "nu"):
+        a, b = getattr(before, group), getattr(back, group)
+        assert all(np.array_equal(a[k], b[k]) for k in a), group
+    assert back.count == before.count == 3
+
+    backend.set_state(before)
+    pending = checkpoint.PendingSave(tmp_path / "bg", 3, backend, META, "", background=True)
+    for step in range(3, 5):
+        backend.train_step(batch(step), 1e-3)
     path = pending.finish()
-    assert path == tmp_path / "2" and not (tmp_path / ".tmp-2").exists()
+    assert path == tmp_path / "bg" / "3" and not (tmp_path / "bg" / ".tmp-3").exists()
     checkpoint.load(path, backend)                    # digests verified on load
     loaded = backend.get_state()
-    assert loaded.count == 2
     for group in ("params", "mu", "nu"):
         a, b = getattr(before, group), getattr(loaded, group)
         assert all(np.array_equal(a[k], b[k]) for k in a), group
+
+
+def store_read(path, names):
+    from hal import store
+    return store.read_tensors(str(path), names)
 
 
 @pytest.mark.parametrize("fw", ["jax", "torch"])

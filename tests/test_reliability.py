@@ -149,6 +149,20 @@ def test_a_save_that_fails_half_way_keeps_earlier_checkpoints(two_checkpoints, t
 
 
 @pytest.mark.parametrize("fw", ["jax", "torch"])
+def test_a_background_save_that_fails_stops_with_its_step(tmp_path, fw):
+    """trainer.async_save=true: the write of step 2 fails in its thread (file size limit); the error comes
+    back to the training thread within a step or two, names step 2, and nothing half-written remains."""
+    run = tmp_path / "run"
+    cmd = (f"ulimit -f 200; exec {sys.executable} -m launch.train hal={fw} trainer.steps=8 trainer.async_save=true "
+           f"trainer.checkpoint_every=2 {' '.join(FAST)} run_dir={run}")
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = one_error_line(r, 3)
+    assert "checkpoint at step 2 failed" in line and "latest: none" in line, line
+    assert 2 <= len(metrics(run)) < 8
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("fw", ["jax", "torch"])
 def test_nonfinite_loss_stop_or_skip(tmp_path, fw):
     boom = ["optim.lr=1e30", "optim.warmup_steps=0", "trainer.checkpoint_every=1"]
     r = cli("launch.train", f"hal={fw}", "trainer.steps=8", *boom, *FAST, f"run_dir={tmp_path}/stop")

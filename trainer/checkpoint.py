@@ -102,10 +102,13 @@ class PendingSave:
             self.tmp.mkdir()
         backend.barrier(f"checkpoint-{step}-start")
         try:
-            write = backend.snapshot(copy=background)
+            write = self._snapshot(background)
         except BaseException:
             self._cleanup()
             raise
+        background = background and write is not None
+        if write is None:
+            write = backend.snapshot(copy=False)
         self.held = getattr(write, "tensors", None)     # the snapshot, where the backend shows it (JAX)
         if background:
             self._thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{step}",
@@ -113,6 +116,25 @@ class PendingSave:
             self._thread.start()
         else:
             self._write(write)
+
+    def _snapshot(self, background: bool):
+        """The background copy, or None where it does not fit (then every process saves blocking)."""
+        if not background:
+            return None
+        write, error = None, None
+        try:
+            write = self.backend.snapshot(copy=True)
+        except (RuntimeError, MemoryError) as e:     # out of device or host memory for a second state
+            error = e
+        failed = error is not None
+        if self.backend.process_count > 1:          # every process takes the same path
+            failed = bool(self.backend.allreduce(np.array([int(failed)], np.uint64))[0])
+        if failed:
+            log.warning("checkpoint %d: no room for a background copy of the state (%s); this save blocks "
+                        "training (trainer.async_save=false avoids the attempt)", self.step,
+                        str(error).splitlines()[0][:160] if error else "on another process")
+            return None
+        return write
 
     def _write(self, write) -> None:
         try:
@@ -135,24 +157,15 @@ class PendingSave:
             self._thread.join()
         backend = self.backend
         try:
-            failed = self.error is not None
-            if backend.process_count > 1:
-                failed = bool(backend.allreduce(np.array([int(failed)], np.uint64))[0])
-            if failed:
-                raise self.error if self.error is not None else OSError(
-                    f"checkpoint {self.step}: the write failed on another process")
+            self._agree(self.error)
             tensors = backend.combine(self.written)
+            error = None
             if self.lead:
-                manifest = dict(self.meta, format_version=FORMAT_VERSION, step=self.step, tensors=tensors)
-                (self.tmp / "config.yaml").write_text(self.config_yaml)
-                with open(self.tmp / MANIFEST, "w") as f:
-                    json.dump(manifest, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if self.final.exists():       # the same step saved again (a resumed run's last step): replace it
-                    shutil.rmtree(self.final)
-                os.rename(self.tmp, self.final)
-                _fsync_dir(self.root)
+                try:
+                    self._commit(tensors)
+                except Exception as e:      # noqa: BLE001  (agreed on below, then raised)
+                    error = e
+            self._agree(error)
         except BaseException:
             self._cleanup()
             raise
@@ -160,6 +173,29 @@ class PendingSave:
         if self.remote is None:
             return self.final
         return self._upload()
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Raise on every process if `error` happened on any: its own error, or an OSError naming the step."""
+        failed = error is not None
+        if self.backend.process_count > 1:
+            failed = bool(self.backend.allreduce(np.array([int(failed)], np.uint64))[0])
+        if error is not None:
+            raise error
+        if failed:
+            raise OSError(f"checkpoint {self.step} failed on another process")
+
+    def _commit(self, tensors: dict) -> None:
+        """Process 0: manifest (fsync'd), then the rename that makes the checkpoint exist."""
+        manifest = dict(self.meta, format_version=FORMAT_VERSION, step=self.step, tensors=tensors)
+        (self.tmp / "config.yaml").write_text(self.config_yaml)
+        with open(self.tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if self.final.exists():       # the same step saved again (a resumed run's last step): replace it
+            shutil.rmtree(self.final)
+        os.rename(self.tmp, self.final)
+        _fsync_dir(self.root)
 
     def _upload(self) -> RemotePath:
         root, dest, error = self.remote, self.remote / str(self.step), None

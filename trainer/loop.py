@@ -329,7 +329,7 @@ def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int],
     model_flops_per_token = flops_per_token(run.model, run.seq_len)
     last, saved_at, preempted = {}, start_step, ""
     with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, \
-            _redirect_logging(bar), StopRequest() as stop:
+            _redirect_logging(bar), StopRequest() as stop, _keep_pending(lambda: pending, backend):
         for step in range(start_step, run.steps):
             t0 = time.perf_counter()
             tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
@@ -402,6 +402,23 @@ def _io_reason(e: Exception) -> str:
         return e.strerror
     code = re.search(r"os_error_code='(\d+)'", str(e))
     return os.strerror(int(code.group(1))) if code else (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+
+
+@contextlib.contextmanager
+def _keep_pending(get_pending, backend):
+    """On an error that ends training (data, eval, out of memory...), a checkpoint still being written in
+    the background is committed first, as a blocking save would have been. One process only: with
+    several, the others may not reach the collectives a commit needs; the .tmp is then removed later."""
+    try:
+        yield
+    except Exception:
+        pending = get_pending()
+        if pending is not None and backend.process_count == 1:
+            try:
+                log.info("checkpoint %s (committed before stopping on the error below)", pending.finish())
+            except Exception as e:    # noqa: BLE001  (the original error is the one to report)
+                log.warning("the checkpoint at step %d being written could not be committed: %s", pending.step, e)
+        raise
 
 
 def _agree_step(backend, requested: bool, written: bool) -> tuple[bool, bool]:
