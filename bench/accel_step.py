@@ -38,6 +38,32 @@ def peak_memory(backend) -> float | None:
         return None
 
 
+def start_save(a, backend, step: int, out: dict):
+    """An async save as trainer.loop starts one; returns (PendingSave, start time)."""
+    import tempfile
+    from trainer import checkpoint
+    root = a.save_dir or tempfile.mkdtemp(prefix="accel-ckpt-")
+    out["save_dir"] = root
+    t = time.perf_counter()
+    pending = checkpoint.PendingSave(root, step, backend, {"model": {}, "writer": backend.describe()}, "",
+                                     background=True)
+    if pending.held is not None:          # JAX: the device copy is dispatched; count it as blocking
+        import jax
+        jax.block_until_ready(pending.held)
+    out["save_block_s"] = time.perf_counter() - t
+    print(f"async save of step {step}: blocked {out['save_block_s']:.3f}s", file=sys.stderr, flush=True)
+    return pending, t
+
+
+def commit(pending, out: dict, t_save: float) -> None:
+    import shutil
+    pending.finish()
+    out["save_commit_s"] = time.perf_counter() - t_save
+    print(f"async save committed {out['save_commit_s']:.1f}s after it started", file=sys.stderr, flush=True)
+    if not out.get("save_dir_kept"):
+        shutil.rmtree(out["save_dir"], ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--framework", required=True, choices=["jax", "torch"])
@@ -53,6 +79,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch: torch.compile each block (hal.compile=true)")
     p.add_argument("--attention", default="auto", help="jax: hal.attention (auto | xla | cudnn)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak in this precision")
+    p.add_argument("--save-at", type=int, default=0,
+                   help="start an async checkpoint save (trainer.checkpoint.PendingSave) after this step; report "
+                        "how long it blocked, how the steps beside the write went and when it was committed")
+    p.add_argument("--save-dir", default=None, help="where that checkpoint goes (default: a temp dir, removed)")
     a = p.parse_args()
 
     import hal
@@ -77,7 +107,7 @@ def main() -> None:
         out["attention"] = out["describe"].get("attention")
         data = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size)
         accum = a.global_batch // a.micro_batch
-        times, losses = [], []
+        times, losses, pending, beside = [], [], None, []
         for step in range(a.steps):
             t = time.perf_counter()
             tokens = data.train_batch(step, a.global_batch).reshape(accum, a.micro_batch, a.seq_len + 1)
@@ -86,7 +116,21 @@ def main() -> None:
             times.append(time.perf_counter() - t)
             losses.append(m.loss)
             print(f"step {step + 1}/{a.steps}: {times[-1]:.3f}s loss {m.loss:.4f}", file=sys.stderr, flush=True)
-        timed = times[a.warmup:] or times
+            if pending is not None:
+                beside.append(times[-1])
+                if pending.done():
+                    commit(pending, out, t_save)
+                    pending = None
+            if a.save_at and step + 1 == a.save_at:
+                pending, t_save = start_save(a, backend, step + 1, out)
+        if pending is not None:
+            out["save_steps_beside"] = len(beside)
+            commit(pending, out, t_save)
+        if beside:
+            out["save_steps_beside"] = len(beside)
+            out["save_step_beside_s"] = statistics.median(beside)
+        timed = [x for i, x in enumerate(times) if i >= a.warmup and not (a.save_at and a.save_at <= i < a.save_at
+                                                                        + len(beside))] or times
         step_s = statistics.median(timed)
         tokens_per_step = a.global_batch * a.seq_len
         out.update(first_step_s=times[0], step_s=step_s, step_min_s=min(timed), steps_timed=len(timed),

@@ -13,7 +13,8 @@
 # chip's dense peak in that precision; detected from nvidia-smi for H100/H200/A100/L40S/B200),
 # PLATFORM (gpu; cpu with MODEL=tiny tries the script out without a GPU), COMPILE (1: torch.compile each block
 # for torch), ATTENTION (auto: cuDNN flash attention for JAX on GPUs in bf16; a JAX run whose cuDNN attention
-# fails for another reason than memory is rerun once with xla).
+# fails for another reason than memory is rerun once with xla), SAVE_AT (0; N > 0: an async checkpoint save
+# after step N, reported as the time it blocked the loop and when it was committed).
 # The timed path is bench/accel_step.py: TokenData batch -> backend.train_step (as trainer/loop.py runs it),
 # without the loop's metrics file and final checkpoint (~15 GB for this model).
 set -uo pipefail
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-30}; WARMUP=${WARMUP:-3}; SEQ=${SEQ:-2048}; GLOBAL=${GLOBAL:-32}; MICRO=${MICRO:-8}
 FRAMEWORKS=${FRAMEWORKS:-"jax torch"}; MODEL=${MODEL:-llama3.2-1b}; PRECISION=${PRECISION:-bf16}
-PLATFORM=${PLATFORM:-gpu}; COMPILE=${COMPILE:-1}; ATTENTION=${ATTENTION:-auto}
+PLATFORM=${PLATFORM:-gpu}; COMPILE=${COMPILE:-1}; ATTENTION=${ATTENTION:-auto}; SAVE_AT=${SAVE_AT:-0}
 # JAX takes 75% of GPU memory by default; the 1B state alone (fp32 params + AdamW) is ~15 GB
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -85,7 +86,7 @@ for fw in $FRAMEWORKS; do
         line=$("$PY" bench/accel_step.py --framework "$fw" --model "$MODEL" --precision "$PRECISION" \
                  --seq-len "$SEQ" --global-batch "$GLOBAL" --micro-batch "$micro" --steps "$STEPS" \
                  --warmup "$WARMUP" --platform "$PLATFORM" ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} \
-                 --attention "$attention" ${extra[@]+"${extra[@]}"} \
+                 --attention "$attention" --save-at "$SAVE_AT" ${extra[@]+"${extra[@]}"} \
                | grep '^RESULT ' | tail -1)
         line=${line#RESULT }
         if [ -z "$line" ]; then
@@ -110,19 +111,22 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 gpu, peak = sys.argv[2], sys.argv[3]
 out = [f"### trichip on {gpu}: {rows[0].get('model', '?') if rows else '?'}, {datetime.date.today()}", "",
        "| framework | precision | compile / attention | seq_len | global batch | micro-batch | step s (median) | tokens/s | TFLOP/s | "
-       f"MFU vs {peak or '?'} TFLOP/s | peak memory GB | first step s | loss first -> last | error |",
-       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+       f"MFU vs {peak or '?'} TFLOP/s | peak memory GB | first step s | loss first -> last | async save: blocked (share of a step), steps beside, committed after | error |",
+       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 f = lambda x, s="{:.2f}": "-" if x is None else s.format(x)
+save = lambda r: (f"{r['save_block_s']:.3f} s ({100 * r['save_block_s'] / r['step_s']:.1f}%), "
+                  f"{r.get('save_steps_beside', 0)} steps at {r.get('save_step_beside_s', 0):.3f} s, "
+                  f"{r.get('save_commit_s', 0):.1f} s") if r.get("save_block_s") is not None and r.get("step_s") else "-"
 how = lambda r: ("torch.compile" if r.get("compile") else "eager") if r.get("framework") == "torch" else (r.get("attention") or "-")
 for r in rows:
     if r.get("ok"):
         out.append(f"| {r['framework']} | {r['precision']} | {how(r)} | {r['seq_len']} | {r['global_batch']} | {r['micro_batch']} | "
                    f"{f(r['step_s'], '{:.3f}')} | {f(r['tokens_per_s'], '{:,.0f}')} | {f(r['tflops'], '{:.0f}')} | "
                    f"{f(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {f(r.get('peak_mem_gb'), '{:.1f}')} | "
-                   f"{f(r['first_step_s'], '{:.0f}')} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | |")
+                   f"{f(r['first_step_s'], '{:.0f}')} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | {save(r)} | |")
     else:
         out.append(f"| {r.get('framework')} | {r.get('precision', '-')} | {how(r)} | {r.get('seq_len', '-')} | "
-                   f"{r.get('global_batch', '-')} | {r.get('micro_batch', '-')} | - | - | - | - | - | - | - | "
+                   f"{r.get('global_batch', '-')} | {r.get('micro_batch', '-')} | - | - | - | - | - | - | - | - | "
                    f"{r.get('error', '?')} |")
 if rows and rows[0].get("ok"):
     r = rows[0]

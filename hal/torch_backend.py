@@ -68,6 +68,10 @@ class TorchBackend(Backend):
             COMM_BACKEND["neuron"] = self.hooks.process_group_backend
             compile_backend = self.hooks.compile_backend or compile_backend
         self.platform, self.device = _select_device(platform, local_rank, self.hooks)
+        if self.platform == "gpu":
+            # checkpoints go through orbax, i.e. JAX (on the host CPU here): a CUDA JAX in this process must
+            # not take the GPU's memory up front as it does by default (before JAX starts: no effect after)
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         # On CPUs torch's OpenMP threads spin-wait; a background checkpoint write beside them slowed the next
         # step by ~1 step (bench/run.py table 4c) where a blocking save takes ~1/3 of one: block there.
         # Neuron (torch-xla / TorchNeuron) is left blocking too: a second thread beside its graphs is untested.
