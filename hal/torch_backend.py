@@ -283,10 +283,24 @@ class TorchBackend(Backend):
             local[name] = (tuple(t.shape), v.detach().clone() if copy else v.detach())
         if self.distributed:
             self._jax_io()          # jax.distributed is started here, on the training thread
+        side = None
+        if copy and self.device.type == "cuda":
+            # The copies to the host go on a stream of their own: on the training stream they queued behind
+            # (and held up) the next step — 12 s for the 1B state on an H200 (bench/RESULTS_H200.md).
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))      # after the clones above
+
+        def to_host():
+            if side is None:
+                return {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
+            with torch.cuda.stream(side):
+                pinned = {n: (shape, v.to("cpu", non_blocking=True)) for n, (shape, v) in local.items()}
+            side.synchronize()
+            return {n: (shape, v.float().numpy()) for n, (shape, v) in pinned.items()}
 
         def write(path: str) -> dict:
             with torch.no_grad():
-                host = {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
+                host = to_host()
             if self.distributed:
                 import jax
                 dev = jax.local_devices()[0]
