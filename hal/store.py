@@ -27,7 +27,7 @@ def digest_reference(values: np.ndarray, index: tuple = (), shape: tuple | None 
     """The digest in plain NumPy (the definition; `digest` computes the same number faster)."""
     values = np.ascontiguousarray(values)
     shape = values.shape if shape is None else tuple(shape)
-    starts, steps, strides = _layout(values.shape, index, shape)
+    starts, steps, strides = _layout(index, shape)
     pos = np.zeros((1,) * len(values.shape), np.uint64)
     for d, n in enumerate(values.shape):
         axis = (np.uint64(starts[d]) + np.arange(n, dtype=np.uint64) * np.uint64(steps[d])) * np.uint64(strides[d])
@@ -42,7 +42,7 @@ def digest_reference(values: np.ndarray, index: tuple = (), shape: tuple | None 
     return int(x.sum(dtype=np.uint64))
 
 
-def _layout(local_shape: tuple, index: tuple, shape: tuple):
+def _layout(index: tuple, shape: tuple):
     """Per dimension: the shard's first global index, its step, and the global row-major stride."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     starts, steps = [], []
@@ -106,7 +106,7 @@ def _digest_future(values, index: tuple = (), shape: tuple | None = None):
         if values.dtype == np.bool_:
             values = values.view(np.uint8)
         values = jax.device_put(values, _host_device())
-    starts, steps, strides = _layout(values.shape, index, shape)
+    starts, steps, strides = _layout(index, shape)
     with jax.enable_x64(True):     # thread-local: the model's own dtypes are untouched
         args = [np.asarray(v, np.uint64).reshape(-1) for v in (starts, steps, strides)]
         return _digest_kernel()(values, *args)     # dispatched, not waited for
@@ -122,7 +122,9 @@ def _owned_shards(array) -> list:
 
 
 def _shard_jobs(tensors: dict, process_index: int) -> list:
-    """Per tensor, the shards whose digests this process adds (a NumPy array: process 0 only)."""
+    """Per tensor, the shards whose digests this process adds, with no collective: a jax.Array's shards
+    of replica 0 that this process holds; a NumPy array (a whole replica every process holds) on process 0
+    only. Summed over processes (mod 2**64), the parts are the digests."""
     return [[] if isinstance(v, np.ndarray) and process_index != 0 else _owned_shards(v) for v in tensors.values()]
 
 
@@ -131,15 +133,9 @@ def _sum_parts(jobs: list) -> np.ndarray:
     return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
 
 
-def digest_parts(tensors: dict, process_index: int = 0) -> np.ndarray:
-    """This process's parts of each tensor's digest (uint64, in `tensors` order), with no collective:
-    jax.Arrays count the shards this process owns (replica 0); a NumPy array is a whole replica every
-    process holds, counted on process 0 only. Summed over processes (mod 2**64) they are the digests."""
-    return _sum_parts(_shard_jobs(tensors, process_index))
-
-
 def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict:
-    """write_tensors and describe, the digests computed beside the write (both release the GIL). The
+    """write_tensors, and {name: {shape, dtype, part}} with `part` this process's share of the tensor's
+    digest (see _shard_jobs), computed beside the write (both release the GIL). The
     shards are taken here first: a jax.Array's shard list is built lazily, and building it from two
     threads at once handed orbax a wrong object."""
     from concurrent.futures import ThreadPoolExecutor
@@ -148,11 +144,6 @@ def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict
         parts = pool.submit(_sum_parts, jobs)
         write_tensors(path, tensors)
         return _described(tensors, parts.result())
-
-
-def describe(tensors: dict, process_index: int = 0) -> dict:
-    """{name: {shape, dtype, part}} of tensors just written (see digest_parts)."""
-    return _described(tensors, digest_parts(tensors, process_index))
 
 
 def _described(tensors: dict, parts: np.ndarray) -> dict:
