@@ -2,13 +2,11 @@
 
     python bench/profile_step.py --framework jax --model small              # XLA ops, by kind and model part
     python bench/profile_step.py --framework torch --model small --precision bf16
-    python bench/profile_step.py --framework jax --model small --compare linear2d   # a model change, A/B
 
 JAX: a jax.profiler trace (Perfetto JSON) of two steps; each XLA thunk's time is attributed through the
 compiled HLO's op_name metadata to a model part (mlp, attention, optimizer, ...). torch: torch.profiler's
-table of aten ops. --compare linear2d times the backend's step alternately against the same backend with
-models.llama_jax.Linear computing on 2-D [tokens, features] operands (a suggested models/ change), in
-this process only: nothing in models/ is changed on disk.
+table of aten ops. (Its `--compare linear2d` A/B led to models.llama_jax.Linear's 2-D matmul, 1.33x on
+`small` fp32 here; with the change made, that comparison was removed.)
 """
 from __future__ import annotations
 
@@ -18,7 +16,6 @@ import glob
 import gzip
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import hal  # noqa: E402
-from models.spec import SIZES, flops_per_token, reference_init  # noqa: E402
+from models.spec import SIZES, reference_init  # noqa: E402
 from trainer.data import TokenData  # noqa: E402
 
 PARTS = (("/mlp/", "mlp"), ("self_attn/q_proj", "attention q/k/v/o projections"),
@@ -104,50 +101,6 @@ def profile_torch(b, tokens, steps: int) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
 
 
-def compare_linear2d(cfg, precision, tokens, rounds: int) -> None:
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    import models.llama_jax as lj
-    current = backend_for("jax", cfg, precision)
-    for _ in range(2):
-        current.train_step(tokens, 1e-3)    # traced with the Linear on disk
-
-    class Linear2D(nn.Module):
-        """models.llama_jax.Linear with the matmul on [tokens, in] x [in, out] (2-D) operands."""
-        features: int
-        dtype: jnp.dtype = jnp.float32
-
-        @nn.compact
-        def __call__(self, x):
-            w = self.param("weight", nn.initializers.zeros_init(), (self.features, x.shape[-1]), jnp.float32)
-            y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), w.astype(self.dtype).T)
-            return y.reshape(*x.shape[:-1], self.features)
-
-    original = lj.Linear
-    lj.Linear = Linear2D
-    try:
-        changed = backend_for("jax", cfg, precision)
-        for _ in range(2):
-            changed.train_step(tokens, 1e-3)
-    finally:
-        lj.Linear = original
-    times = {"models.llama_jax as it is": [], "Linear on 2-D operands": []}
-    pair = list(zip(times, (current, changed)))
-    losses = {}
-    for r in range(rounds):
-        for name, b in (pair if r % 2 == 0 else pair[::-1]):
-            t = time.perf_counter()
-            m = b.train_step(tokens, 1e-3)
-            times[name].append(time.perf_counter() - t)
-            losses[name] = m.loss
-    flops = flops_per_token(cfg, tokens.shape[-1] - 1) * tokens.shape[0] * tokens.shape[1] * (tokens.shape[2] - 1)
-    for name, ts in times.items():
-        s = statistics.median(ts)
-        print(f"  {name:28s} {s * 1e3:8.1f} ms/step  {flops / s / 1e9:7.1f} GFLOP/s  loss after {len(ts) + 2} "
-              f"steps {losses[name]:.6f}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--framework", default="jax", choices=["jax", "torch"])
@@ -156,15 +109,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--compare", choices=["linear2d"], default=None)
-    p.add_argument("--rounds", type=int, default=6)
     a = p.parse_args()
     cfg = SIZES[a.model]
     tokens = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size).train_batch(0, a.global_batch)
     tokens = tokens.reshape(1, a.global_batch, a.seq_len + 1)
-    if a.compare:
-        compare_linear2d(cfg, a.precision, tokens, a.rounds)
-        return
     b = backend_for(a.framework, cfg, a.precision)
     (profile_jax if a.framework == "jax" else profile_torch)(b, tokens, a.steps)
 
