@@ -103,12 +103,12 @@ class PendingSave:
         backend.barrier(f"checkpoint-{step}-start")
         try:
             write = self._snapshot(background)
+            background = background and write is not None
+            if write is None:
+                write = backend.snapshot(copy=False)
         except BaseException:
             self._cleanup()
             raise
-        background = background and write is not None
-        if write is None:
-            write = backend.snapshot(copy=False)
         self.held = getattr(write, "tensors", None)     # the snapshot, where the backend shows it (JAX)
         if background:
             self._thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{step}",
