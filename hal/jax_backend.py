@@ -163,6 +163,7 @@ class JaxBackend(Backend):
         self._eval_loss = jax.jit(eval_loss, in_shardings=(p_sh, self.batch_sharding), out_shardings=rep)
         # a real copy (jit forwards an input returned unchanged; jnp.copy makes a new buffer)
         self._copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+        self._copy_warm = False
         self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens),
                                in_shardings=(p_sh, rep), out_shardings=rep)
         self.params = self.opt_state = None
@@ -227,7 +228,7 @@ class JaxBackend(Backend):
 
     def _warm_copy(self) -> None:
         """Compile the snapshot copy now: compiled at the first async save it blocked that save ~0.25 s."""
-        if not getattr(self, "_copy_warm", False):
+        if not self._copy_warm:
             self._copy.lower(self._tensors()).compile()
             self._copy_warm = True
 

@@ -126,10 +126,7 @@ class PendingSave:
             write = self.backend.snapshot(copy=True)
         except (RuntimeError, MemoryError) as e:     # out of device or host memory for a second state
             error = e
-        failed = error is not None
-        if self.backend.process_count > 1:          # every process takes the same path
-            failed = bool(self.backend.allreduce(np.array([int(failed)], np.uint64))[0])
-        if failed:
+        if _on_any_process(self.backend, error is not None):      # every process takes the same path
             log.warning("checkpoint %d: no room for a background copy of the state (%s); this save blocks "
                         "training (trainer.async_save=false avoids the attempt)", self.step,
                         str(error).splitlines()[0][:160] if error else "on another process")
@@ -157,7 +154,7 @@ class PendingSave:
             self._thread.join()
         backend = self.backend
         try:
-            self._agree(self.error)
+            _agree(backend, self.error, f"the write of checkpoint {self.step}")
             tensors = backend.combine(self.written)
             error = None
             if self.lead:
@@ -165,7 +162,7 @@ class PendingSave:
                     self._commit(tensors)
                 except Exception as e:      # noqa: BLE001  (agreed on below, then raised)
                     error = e
-            self._agree(error)
+            _agree(backend, error, f"the commit of checkpoint {self.step}")
         except BaseException:
             self._cleanup()
             raise
@@ -173,16 +170,6 @@ class PendingSave:
         if self.remote is None:
             return self.final
         return self._upload()
-
-    def _agree(self, error: BaseException | None) -> None:
-        """Raise on every process if `error` happened on any: its own error, or an OSError naming the step."""
-        failed = error is not None
-        if self.backend.process_count > 1:
-            failed = bool(self.backend.allreduce(np.array([int(failed)], np.uint64))[0])
-        if error is not None:
-            raise error
-        if failed:
-            raise OSError(f"checkpoint {self.step} failed on another process")
 
     def _commit(self, tensors: dict) -> None:
         """Process 0: manifest (fsync'd), then the rename that makes the checkpoint exist."""
@@ -264,13 +251,18 @@ def download(ckpt, local: Path, require_manifest: bool = True) -> None:
         raise UserError(f"checkpoint {ckpt} was removed while it was being downloaded")
 
 
-def _agree(backend, error: Exception | None, what: str) -> None:
-    """Process 0 does the object-store I/O; every process raises if it failed, so all take the same path."""
-    failed = error is not None
+def _on_any_process(backend, flag: bool) -> bool:
+    """True on every process if `flag` is true on any (collective where there are several)."""
     if backend is not None and getattr(backend, "process_count", 1) > 1:
-        failed = bool(backend.allreduce(np.array([int(failed)], np.uint64))[0])
-    if failed:
-        raise error if error is not None else remote.RemoteError(f"{what} failed on process 0")
+        return bool(backend.allreduce(np.array([int(flag)], np.uint64))[0])
+    return flag
+
+
+def _agree(backend, error: BaseException | None, what: str) -> None:
+    """Every process raises if `what` failed on any, so all take the same path: its own error, or an
+    OSError saying it failed on another process (object-store I/O runs on process 0 only)."""
+    if _on_any_process(backend, error is not None):
+        raise error if error is not None else OSError(f"{what} failed on another process")
 
 
 def _user_error(fn):
