@@ -665,7 +665,7 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
          "save / (raw + fsync)", ">= 0.7", "restore MB/s", "raw read MB/s", "restore / raw"],
         rows,
         "State = params + AdamW mu + nu (float32) + count. trichip save = trainer.checkpoint.save, blocking "
-        "(orbax OCDBT without compression, per-tensor digests, manifest, fsync, rename); restore = "
+        "(orbax, one uncompressed zarr array per tensor, per-tensor digests, manifest, fsync, rename); restore = "
         "trainer.checkpoint.load (read, verify digests, place on the backend). Raw = safetensors.numpy save_file/"
         "load_file of the same host tensors (no device->host copy, no checksums); 'raw + fsync' adds the fsync "
         "that makes a file survive a power cut, which trichip's save does (tensorstore syncs its writes). Same "

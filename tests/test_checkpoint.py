@@ -90,6 +90,29 @@ def test_damaged_tensor_is_detected(tmp_path, backend):
         checkpoint.load(path, backend)
 
 
+def test_checkpoints_in_the_earlier_ocdbt_layout_still_load(tmp_path, backend):
+    """Since session 3 the tensors are one zarr array each (faster to write); checkpoints written before
+    that hold them in orbax's OCDBT layout. orbax tells the two apart when reading."""
+    import orbax.checkpoint as ocp
+
+    from hal import store
+    st = _state(seed=2, count=5)
+    path = _save(tmp_path, 5, backend, st)
+    state_dir = path / "state"
+    assert not (state_dir / "manifest.ocdbt").exists()
+    assert (state_dir / "params.model.norm.weight").is_dir()
+    manifest = json.loads((path / "manifest.json").read_text())
+    tensors = store.read_tensors(str(state_dir), list(manifest["tensors"]))
+    shutil.rmtree(state_dir)
+    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:    # what hal.store wrote until then
+        ckptr.save(str(state_dir), store._nested(tensors))
+    assert (state_dir / "manifest.ocdbt").exists()
+    backend.set_state(_state(seed=3, count=1))
+    checkpoint.load(path, backend)          # verifies every digest
+    loaded = backend.get_state()
+    assert loaded.count == 5 and all(np.array_equal(st.nu[k], loaded.nu[k]) for k in st.nu)
+
+
 def test_not_a_checkpoint(tmp_path, backend):
     with pytest.raises(UserError, match="not a trichip checkpoint"):
         checkpoint.resolve(tmp_path)
@@ -196,3 +219,37 @@ def test_async_and_sync_saves_write_the_same_checkpoints(tmp_path, fw):
         assert {k: v["digest"] for k, v in a["tensors"].items()} == {k: v["digest"] for k, v in b["tensors"].items()}
         assert a["data"]["next_step"] == s
     assert [m["loss"] for m in metrics(tmp_path / "async")] == [m["loss"] for m in metrics(tmp_path / "sync")]
+
+
+def test_gc_is_paused_while_orbax_writes_and_restored_after(tmp_path):
+    """hal.store.gc_paused: off while any writer or reader runs (threads overlap), back as it was after."""
+    import gc
+    import threading
+
+    from hal import store
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with store.gc_paused():
+            inside.set()
+            release.wait(10)
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    seen = []
+    with store.gc_paused():
+        seen.append(gc.isenabled())
+    seen.append(gc.isenabled())            # the other thread still holds it
+    release.set()
+    t.join()
+    assert seen == [False, False] and gc.isenabled()
+    store.write_tensors(str(tmp_path / "a"), {"x": np.arange(6, dtype=np.float32)})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        store.write_tensors(str(tmp_path / "b"), {"x": np.arange(6, dtype=np.float32)})
+        assert not gc.isenabled()          # was off: stays off
+    finally:
+        gc.enable()
+    assert np.array_equal(store.read_tensors(str(tmp_path / "b"), ["x"])["x"], np.arange(6, dtype=np.float32))

@@ -106,8 +106,9 @@ def copy_prefix(client, src, dst):
 
 
 def flip_largest_data_object(client, prefix):
-    data = [(o["Size"], o["Key"]) for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]
-            if "/d/" in o["Key"]]
+    """The biggest object of the tensors (a chunk of the largest tensor; orbax's metadata files are small)."""
+    data = [(o["Size"], o["Key"]) for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/")
+            for o in page.get("Contents", []) if "/state/" in o["Key"]]
     key = max(data)[1]
     body = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x10

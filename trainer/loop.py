@@ -224,7 +224,7 @@ def _restore(run: Run, backend, candidates: list[int], strict: bool) -> tuple[in
             if strict or "another model" in str(e):   # a wrong model is the user's to fix, not damage
                 raise
             log.warning("%s — falling back to the previous checkpoint", e)
-        except Exception as e:   # unreadable tensors: truncated or missing files, corrupt OCDBT
+        except Exception as e:   # unreadable tensors: truncated, missing or corrupt files
             if strict:
                 raise UserError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
