@@ -224,9 +224,11 @@ def _write_handler():
     import jax
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers as th
+    import inspect
+    no_copy = ({"deepcopy_host_arrays": False}     # orbax-checkpoint >= 0.11.x; older ones did not copy
+               if "deepcopy_host_arrays" in inspect.signature(th.NumpyHandler).parameters else {})
     registry = th.create_type_handler_registry(
-        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, th.get_type_handler(jax.Array)))
+        (np.ndarray, th.NumpyHandler(**no_copy)), (jax.Array, th.get_type_handler(jax.Array)))
     _quiet_ocdbt_merge()
     return ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False, type_handler_registry=registry)
 
