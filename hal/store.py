@@ -225,7 +225,7 @@ def _write_handler():
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers as th
     import inspect
-    no_copy = ({"deepcopy_host_arrays": False}     # orbax-checkpoint >= 0.11.x; older ones did not copy
+    no_copy = ({"deepcopy_host_arrays": False}     # not in orbax-checkpoint 0.12.4 (the GPU image)
                if "deepcopy_host_arrays" in inspect.signature(th.NumpyHandler).parameters else {})
     registry = th.create_type_handler_registry(
         (np.ndarray, th.NumpyHandler(**no_copy)), (jax.Array, th.get_type_handler(jax.Array)))
