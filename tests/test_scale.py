@@ -80,6 +80,9 @@ def test_multiprocess_jax_trains_and_checkpoints(single, tmp_path):
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["device_count"] == 2
     assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= 1e-5
+    # several writers: OCDBT (hal.store); one writer: a zarr array per tensor
+    assert (tmp_path / "run" / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt").exists()
+    assert not (single["jax"] / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt").exists()
     # and its checkpoint comes back on one process, resharded
     shutil.rmtree(tmp_path / "run" / "checkpoints" / str(STEPS))
     assert train(tmp_path / "run", "hal=jax", *COMMON)["start_step"] == 10
