@@ -564,12 +564,31 @@ def step_section(report: Report, opts, ceil: dict, tmp: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # 4. checkpoints
 # ---------------------------------------------------------------------------------------------------
+def raw_sync(path: str, tensors: dict) -> None:
+    """safetensors.numpy save_file, then the fsync that makes it durable, as trichip's save is (tensorstore
+    syncs what it writes)."""
+    from safetensors.numpy import save_file
+    save_file(tensors, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def orbax_write(path: str, tensors: dict, compression: bool) -> None:
+    """orbax's PyTreeCheckpointer as it comes (OCDBT; zstd unless compression=False), for table 4d."""
+    import orbax.checkpoint as ocp
+
+    from hal import store
+    with ocp.PyTreeCheckpointer(use_compression=compression) as ckptr:
+        ckptr.save(os.path.abspath(path), store._nested(tensors))
+
+
 def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
     from safetensors.numpy import load_file, save_file
 
     from hal import store
     from trainer import checkpoint
-    rows, rows_split, rows_async, out = [], [], [], {}
+    rows, rows_split, rows_async, rows_layout, out = [], [], [], [], {}
     data = TokenData("builtin:python_docs", opts.seq_len, 0, 257)
     for size in opts.ckpt_models:
         cfg = SIZES[size]
@@ -584,7 +603,7 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
             meta = {"model": cfg.to_dict(), "writer": backend.describe(),
                     "data": {"path": "builtin:python_docs", "seed": 0, "next_step": 1}, "rng": {"seed": 0}}
             times = {k: [] for k in ("save", "raw_save", "raw_save_sync", "load", "raw_load", "get_state", "digest",
-                                     "write", "read", "async_block", "async_copy", "step_alone", "step_beside",
+                                     "write", "write_ocdbt", "write_default", "raw_sync_again", "read", "async_block", "async_copy", "step_alone", "step_beside",
                                      "async_total")}
             batch = data.train_batch(0, gb).reshape(gb // micro, micro, opts.seq_len + 1)
             for r in range(opts.ckpt_rounds):
@@ -603,10 +622,7 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
                         save_file(host, str(d / "raw.safetensors"))
                         times["raw_save"].append(now() - t)
                         t = now()
-                        save_file(host, str(d / "raw-sync.safetensors"))
-                        fd = os.open(d / "raw-sync.safetensors", os.O_RDONLY)
-                        os.fsync(fd)        # durable, as trichip's save is (tensorstore syncs what it writes)
-                        os.close(fd)
+                        raw_sync(str(d / "raw-sync.safetensors"), host)
                         times["raw_save_sync"].append(now() - t)
                         t = now()
                         load_file(str(d / "raw.safetensors"))
@@ -618,11 +634,16 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
                 t = now()
                 store.digests(state)
                 times["digest"].append(now() - t)
+                writers = [("write", lambda q: store.write_tensors(q, state)),
+                           ("write_ocdbt", lambda q: orbax_write(q, state, compression=False)),
+                           ("write_default", lambda q: orbax_write(q, state, compression=True)),
+                           ("raw_sync_again", lambda q: raw_sync(q, state))]
+                for name, write in (writers if r % 2 == 0 else writers[::-1]):    # alternated
+                    t = now()
+                    write(str(d / name))
+                    times[name].append(now() - t)
                 t = now()
-                store.write_tensors(str(d / "parts"), state)
-                times["write"].append(now() - t)
-                t = now()
-                store.read_tensors(str(d / "parts"), list(state))
+                store.read_tensors(str(d / "write"), list(state))
                 times["read"].append(now() - t)
                 # async save (trainer.async_save): what blocks the loop, and the step that runs beside the write
                 t = now()
@@ -656,6 +677,9 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
                                f3(copy_s) if copy_s else "(in the call)", f3(m["step_alone"]),
                                pct(block / m["step_alone"]), "yes" if block < 0.05 * m["step_alone"] else "**no**",
                                f3(m["step_beside"]), f2(m["step_beside"] / m["step_alone"]), f3(m["async_total"])])
+            rows_layout.append([fw, size, f3(m["raw_sync_again"]), f3(m["write"]), f2(m["raw_sync_again"] / m["write"]),
+                                f3(m["write_ocdbt"]), f2(m["raw_sync_again"] / m["write_ocdbt"]),
+                                f3(m["write_default"]), f2(m["raw_sync_again"] / m["write_default"])])
             rows_split.append([fw, size, f3(m["save"]), f3(m["get_state"]), f3(m["digest"]), f3(m["write"]),
                                f3(m["load"]), f3(m["read"]), f3(m["raw_save"]), f3(m["raw_load"])])
             out[fw, size] = m
@@ -687,6 +711,14 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
         rows_split,
         "JAX's backend.save writes the device arrays without get_state (each process its own shards) but digests "
         "them shard by shard; torch's (one process) calls get_state first. Parts overlap the totals only roughly.")
+    report.table(
+        "4d. Writing the same host tensors three ways (s, alternated in each round; no digests, no manifest)",
+        ["framework", "model", "raw + fsync", "hal.store.write_tensors", "raw / it", "orbax OCDBT, no zstd",
+         "raw / it", "orbax defaults (OCDBT, zstd)", "raw / it"],
+        rows_layout,
+        "hal.store.write_tensors: what a single-process save writes (a zarr array per tensor, no compression, no "
+        "copy of host arrays; OCDBT when several processes write). 'orbax OCDBT, no zstd': session 2's writer. "
+        "'orbax defaults': ocp.PyTreeCheckpointer() as it comes. Each writes state = backend.get_state().tensors().")
     return out
 
 
