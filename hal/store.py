@@ -240,14 +240,18 @@ def _write_handler(use_ocdbt: bool):
 
 
 def _on_host(tensors: dict) -> dict:
-    """For a single-process write: every array is this process's, so orbax gets host arrays. Its jax.Array
-    writer spends ~0.8 ms of Python per array on shard and sharding bookkeeping (0.18 s of a 0.6 s save for
-    the small model's 226 arrays); the bytes written are the same. All copies start before any is waited for."""
+    """For a single-process write: a jax.Array on one CPU device is handed to orbax as the NumPy view of its
+    buffer (no copy). orbax's jax.Array writer spends ~0.8 ms of Python per array on shard and sharding
+    bookkeeping: 0.18 s of a 0.6 s save for the small model's 226 arrays; the bytes written are the same.
+    Arrays on an accelerator or over several devices keep orbax's writer: there a NumPy view would be a
+    host copy that JAX caches on the array for as long as the array lives."""
     import jax
-    arrays = {k: v for k, v in tensors.items() if isinstance(v, jax.Array)}
-    for v in arrays.values():
-        v.copy_to_host_async()
-    return {k: np.asarray(arrays[k]) if k in arrays else v for k, v in tensors.items()}
+
+    def view(v):
+        if isinstance(v, jax.Array) and len(v.devices()) == 1 and next(iter(v.devices())).platform == "cpu":
+            return np.asarray(v)
+        return v
+    return {k: view(v) for k, v in tensors.items()}
 
 
 @functools.cache
