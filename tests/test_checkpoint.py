@@ -147,6 +147,13 @@ def test_digest_is_the_reference_value_under_any_sharding():
         assert sum(store.digest(a[s], (s,), a.shape) for s in cut) % 2**64 == whole
     cols = [(slice(None), slice(k, 17, 3)) for k in range(3)]
     assert sum(store.digest(a[s], s, a.shape) for s in cols) % 2**64 == whole
+    # both kernels ran above: runs of whole rows take the consecutive one, anything else the general one
+    assert store._consecutive_base((slice(10, 33),), a.shape, (23, 17)) == 170
+    assert store._consecutive_base((), a.shape, a.shape) == 0 and store._consecutive_base((), (), ()) == 0
+    assert store._consecutive_base((slice(0, 33, 2),), a.shape, (17, 17)) is None
+    assert store._consecutive_base((slice(7, 33, 9),), a.shape, (1, 17)) == 7 * 17
+    assert store._consecutive_base((slice(None), slice(0, 17, 3)), a.shape, (33, 6)) is None
+    assert store._consecutive_base((slice(0, 10), slice(0, 8)), a.shape, (10, 8)) is None
     code = """
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
