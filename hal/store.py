@@ -283,18 +283,22 @@ def _write_handler(use_ocdbt: bool):
 
 
 def _on_host(tensors: dict) -> dict:
-    """For a single-process write: a jax.Array on one CPU device is handed to orbax as the NumPy view of its
-    buffer (no copy). orbax's jax.Array writer spends ~0.8 ms of Python per array on shard and sharding
-    bookkeeping: 0.18 s of a 0.6 s save for the small model's 226 arrays; the bytes written are the same.
-    Arrays on an accelerator or over several devices keep orbax's writer: there a NumPy view would be a
-    host copy that JAX caches on the array for as long as the array lives."""
+    """For a single-process write: each jax.Array that lives on one device goes to orbax as a host
+    array; transfers start for all before any is waited for. On a CPU device that is a view of its
+    buffer (no copy). Measured:
+    - CPU: orbax's jax.Array writer spent ~0.8 ms of Python per array on shard and sharding
+      bookkeeping, 0.18 s of a 0.6 s save for the small model's 226 arrays;
+    - one H200, async save of the 1B state (bench/RESULTS_H200.md, session 3): with host arrays the 9
+      training steps beside the write ran at full speed (median 0.478 s); through orbax's jax.Array writer
+      they ran at 0.95 s (median of 5) and 0.96-3.7 s in session 2.
+    JAX keeps the host copy with the array while the array lives: for an async save that is the
+    snapshot (freed after the write); a blocking save's arrays are replaced by the next step.
+    Arrays over several devices keep orbax's writer (a host array would gather them)."""
     import jax
-
-    def view(v):
-        if isinstance(v, jax.Array) and len(v.devices()) == 1 and next(iter(v.devices())).platform == "cpu":
-            return np.asarray(v)
-        return v
-    return {k: view(v) for k, v in tensors.items()}
+    arrays = {k: v for k, v in tensors.items() if isinstance(v, jax.Array) and len(v.devices()) == 1}
+    for v in arrays.values():
+        v.copy_to_host_async()
+    return {k: np.asarray(arrays[k]) if k in arrays else v for k, v in tensors.items()}
 
 
 @functools.cache
