@@ -251,9 +251,9 @@ def write_tensors(path: str, tensors: dict) -> None:
     """Write {storage name: numpy or jax array} under `path` (which must not exist). Collective: every
     process calls it with its (sharded) arrays; each writes what it owns. The arrays must not change
     until it returns (orbax is told not to copy them: callers hand it a snapshot or wait)."""
+    import jax
     import orbax.checkpoint as ocp
     _use_distributed_barriers()
-    import jax
     alone = jax.process_count() == 1
     with gc_paused(), ocp.Checkpointer(_write_handler(use_ocdbt=not alone)) as ckptr:
         ckptr.save(os.path.abspath(path), _nested(_on_host(tensors) if alone else tensors))

@@ -3,7 +3,7 @@
     checkpoints/<step>/manifest.json   format version, step, data cursor, RNG, model spec, who wrote it,
                                        and every tensor's shape, dtype and digest
     checkpoints/<step>/config.yaml     the resolved run config
-    checkpoints/<step>/state/          the tensors (orbax-checkpoint, zarr arrays), see hal.store
+    checkpoints/<step>/state/          the tensors (orbax-checkpoint; hal.store says which layout)
 
 A checkpoint is assembled in checkpoints/.tmp-<step>/ and renamed into place only when
 complete, so a crash mid-save never leaves a directory named like a step; leftovers are removed.
