@@ -709,8 +709,9 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
          "orbax write (hal.store.write_tensors)", "restore", "orbax read (hal.store.read_tensors)",
          "raw save", "raw read"],
         rows_split,
-        "JAX's backend.save writes the device arrays without get_state (each process its own shards) but digests "
-        "them shard by shard; torch's (one process) calls get_state first. Parts overlap the totals only roughly.")
+        "A save calls no get_state: backend.snapshot hands the write JAX's arrays (each process its own shards) or "
+        "NumPy views of torch's tensors; the column is what a host copy of the state costs. The digests run beside "
+        "the write, so the parts overlap the save's total.")
     report.table(
         "4d. Writing the same host tensors three ways (s, alternated in each round; no digests, no manifest)",
         ["framework", "model", "raw + fsync", "hal.store.write_tensors", "raw / it", "orbax OCDBT, no zstd",

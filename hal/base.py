@@ -148,11 +148,6 @@ class Backend(abc.ABC):
             return store.write_and_describe(path, t, self.process_index)
         return write
 
-    def save(self, path: str) -> dict:
-        """Write the train state's tensors under `path` (collective; nothing gathered where the backend
-        holds shards). Returns {storage name: {shape, dtype, digest}} for the manifest."""
-        return self.combine(self.snapshot(copy=False)(path))
-
     def combine(self, written: dict) -> dict:
         """{name: {shape, dtype, part}} of every process -> {name: {shape, dtype, digest}} (collective)."""
         names = list(written)
