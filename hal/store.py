@@ -57,54 +57,72 @@ def _layout(index: tuple, shape: tuple):
     return starts, steps, strides
 
 
-def _mix_sum(bits, pos):
+def _words(values, group: bool):
+    """(words, k): `values` as uint64 words. Where the last axis holds a multiple of k = 8 // itemsize elements,
+    each word packs k neighbours along it (element j in bits [j*8*itemsize, ...), as on the little-endian hosts
+    and devices we digest on): a bitcast, no conversion. Otherwise one element per word (k = 1), zero-extended.
+    XLA:CPU runs that 32->64-bit conversion fused into a sum ~5x slower than the bitcast (measured)."""
+    import jax
     import jax.numpy as jnp
-    x = bits ^ (pos * jnp.uint64(_GOLDEN))
+    size = values.dtype.itemsize
+    k = 8 // size
+    if group and size < 8 and values.ndim and values.shape[-1] % k == 0:
+        return jax.lax.bitcast_convert_type(values.reshape(values.shape[:-1] + (values.shape[-1] // k, k)), jnp.uint64), k
+    u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[size]
+    return jax.lax.bitcast_convert_type(values, u).astype(jnp.uint64), 1
+
+
+def _digest_kernel_fn(values, starts, steps, strides, flat: bool, group: bool):
+    """Sum over elements of mix(bits ^ position * GOLDEN), one fused pass. With `flat` the shard's elements are
+    consecutive in the tensor's row-major order (a whole tensor, or rows of it) and starts/steps/strides
+    describe the flattened shard. Positions are computed per word; limb j of a word sits j steps further
+    along the last axis."""
+    import jax
+    import jax.numpy as jnp
+    if flat or values.ndim == 0:
+        values = values.reshape(-1)
+    words, k = _words(values, group)
+    scale = steps * strides * jnp.uint64(_GOLDEN)    # position * GOLDEN, distributed: one multiply per axis
+    pos = jnp.sum(starts * strides, dtype=jnp.uint64) * jnp.uint64(_GOLDEN)
+    for d in range(words.ndim):
+        axis = jax.lax.broadcasted_iota(np.uint64, words.shape, d)
+        pos = pos + axis * (scale[d] * np.uint64(k) if d == words.ndim - 1 else scale[d])
+    limb = scale[-1]
+    bits = 64 // k
+    total = 0
+    for j in range(k):
+        part = words >> np.uint64(bits * j) if j else words
+        if j < k - 1:
+            part = part & np.uint64((1 << bits) - 1)
+        total = total + _mix(part ^ (pos + limb * np.uint64(j) if j else pos))
+    return jnp.sum(total, dtype=jnp.uint64)
+
+
+def _mix(x):
+    import jax.numpy as jnp
     x = x ^ (x >> 31)
     x = x * jnp.uint64(_MIX1)
     x = x ^ (x >> 27)
     x = x * jnp.uint64(_MIX2)
-    x = x ^ (x >> 31)
-    return jnp.sum(x, dtype=jnp.uint64)
-
-
-def _bits(values):
-    import jax
-    import jax.numpy as jnp
-    u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[values.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(values, u).astype(jnp.uint64)
+    return x ^ (x >> 31)
 
 
 @functools.cache
-def _digest_kernels(platform: str):
-    """(general, consecutive): jitted passes that fuse hash and sum (~6x faster than NumPy's ten passes
-    over uint64 temporaries). `consecutive` serves a shard whose elements are consecutive in the tensor's
-    row-major order (a whole tensor, or rows of it): positions are one iota from `base`. On the CPU both are
+def _digest_kernel(platform: str):
+    """The jitted digest pass (~6x faster than NumPy's ten passes over uint64 temporaries). On the CPU it is
     compiled for 512-bit vectors, which XLA does not prefer by default: 26% faster there (the 64-bit
-    multiplies), and a compile option of these kernels alone, not of the model's."""
+    multiplies), and a compile option of this kernel alone, not of the model's."""
     import jax
-
-    def general(values, starts, steps, strides):
-        pos = 0
-        for d in range(values.ndim):
-            axis = jax.lax.broadcasted_iota(np.uint64, values.shape, d)
-            pos = pos + (starts[d] + axis * steps[d]) * strides[d]
-        return _mix_sum(_bits(values), pos)
-
-    def consecutive(values, base):
-        flat = values.reshape(-1)
-        return _mix_sum(_bits(flat), base + jax.lax.iota(np.uint64, flat.shape[0]))
-
     if platform != "cpu":
-        return jax.jit(general), jax.jit(consecutive)
-    options = {"xla_cpu_prefer_vector_width": 512}
+        return jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"))
     try:
-        kernels = tuple(jax.jit(f, compiler_options=options) for f in (general, consecutive))
+        kernel = jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"), compiler_options={"xla_cpu_prefer_vector_width": 512})
         with jax.enable_x64(True):
-            kernels[1](jax.device_put(np.zeros(8, np.float32), _host_device()), np.uint64(0)).block_until_ready()
-        return kernels
+            one = np.ones(1, np.uint64)
+            kernel(jax.device_put(np.zeros(8, np.float32), _host_device()), one * 0, one, one, flat=True, group=True).block_until_ready()
+        return kernel
     except Exception:        # a JAX or XLA without the option (only speed depends on it)
-        return tuple(jax.jit(f) for f in (general, consecutive))
+        return jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"))
 
 
 def _consecutive_base(index: tuple, shape: tuple, local_shape: tuple):
@@ -144,18 +162,17 @@ def _digest_future(values, index: tuple = (), shape: tuple | None = None):
     shape = tuple(values.shape) if shape is None else tuple(shape)
     if isinstance(values, jax.Array) and next(iter(values.devices())).platform not in _DIGEST_ON_DEVICE:
         values = np.asarray(values)      # TPU, Neuron: 64-bit integers are emulated or narrowed there
-    if isinstance(values, np.ndarray) or np.isscalar(values):
-        values = np.asarray(values)
-        if values.dtype == np.bool_:
-            values = values.view(np.uint8)
-        values = jax.device_put(values, _host_device())
-    general, consecutive = _digest_kernels(next(iter(values.devices())).platform)
-    base = _consecutive_base(index, shape, tuple(values.shape))
-    with jax.enable_x64(True):     # thread-local: the model's own dtypes are untouched
-        if base is not None:
-            return consecutive(values, np.uint64(base))     # dispatched, not waited for
-        args = [np.asarray(v, np.uint64).reshape(-1) for v in _layout(index, shape)]
-        return general(values, *args)
+    with jax.enable_x64(True):     # thread-local: the model's own dtypes are untouched; float64 stays 64-bit
+        if isinstance(values, np.ndarray) or np.isscalar(values):
+            values = np.asarray(values)
+            if values.dtype == np.bool_:
+                values = values.view(np.uint8)
+            values = jax.device_put(values, _host_device())     # zero-copy for 64-byte aligned arrays (torch's)
+        platform = next(iter(values.devices())).platform
+        base = _consecutive_base(index, shape, tuple(values.shape))
+        layout = [[base], [1], [1]] if base is not None else _layout(index, shape)
+        args = [np.asarray(v, np.uint64).reshape(-1) for v in layout]
+        return _digest_kernel(platform)(values, *args, flat=base is not None, group=platform == "cpu")  # dispatched
 
 
 def _owned_shards(array) -> list:

@@ -126,28 +126,36 @@ def test_not_a_checkpoint(tmp_path, backend):
 
 def test_digest_is_the_reference_value_under_any_sharding():
     """hal.store.digest (one jitted pass) gives digest_reference's number (plain NumPy, the definition),
-    for every dtype a state holds, and the digests of a tensor's shards add up to the whole tensor's
-    however it is cut (rows, columns, strided) and however 8 host devices hold it."""
+    for every dtype a state holds (and more), and the digests of a tensor's shards add up to the whole
+    tensor's however it is cut (rows, columns, strided) and however 8 host devices hold it."""
     from hal import store
     rng = np.random.default_rng(3)
     cases = [rng.standard_normal((33, 17)).astype(np.float32), np.asarray(7, np.int32),
              rng.integers(0, 2**16, (5, 3, 4)).astype(np.uint16), rng.standard_normal(1000).astype(np.float32),
-             np.array([True, False, True])]
-    for a in cases:
+             np.array([True, False, True]), rng.integers(0, 256, (3, 16)).astype(np.uint8),
+             rng.standard_normal((4, 6)), np.asarray(2.5), rng.standard_normal((7, 3, 12)).astype(np.float16),
+             rng.standard_normal((8, 24)).astype(np.float32)]
+    for a in cases:       # odd and even last axes: one element per 64-bit word, or 2, 4, 8 packed in one
         assert store.digest(a) == store.digest_reference(a), a.dtype
+    for a in (cases[0], cases[-1]):
+        whole = store.digest(a)
+        flipped = a.copy()
+        flipped[3, 4] = np.nextafter(flipped[3, 4], np.float32(np.inf))
+        assert store.digest(flipped) != whole
+        swapped = a.copy()
+        swapped[[0, 1]] = swapped[[1, 0]]
+        assert store.digest(swapped) != whole                   # position-aware: a moved row is a change
+        neighbours = a.copy()
+        neighbours[2, [4, 5]] = neighbours[2, [5, 4]]
+        assert store.digest(neighbours) != whole                # and so is a swap inside a packed word
+        rows, cols = a.shape
+        cuts = ([slice(0, 5), slice(5, rows)], [slice(0, rows, 2), slice(1, rows, 2)],
+                [(slice(None), slice(k, cols, 3)) for k in range(3)],
+                [(slice(None), slice(0, 4))] + [(slice(None), slice(4, cols, 2))] + [(slice(None), slice(5, cols, 2))])
+        for cut in cuts:
+            assert sum(store.digest(a[s], s if isinstance(s, tuple) else (s,), a.shape) for s in cut) % 2**64 == whole
+    # rows of whole rows take the flattened layout, anything else the per-axis one
     a = cases[0]
-    whole = store.digest(a)
-    flipped = a.copy()
-    flipped[3, 4] = np.nextafter(flipped[3, 4], np.float32(np.inf))
-    assert store.digest(flipped) != whole
-    swapped = a.copy()
-    swapped[[0, 1]] = swapped[[1, 0]]
-    assert store.digest(swapped) != whole                   # position-aware: a moved row is a change
-    for cut in ([slice(0, 10), slice(10, 33)], [slice(0, 33, 2), slice(1, 33, 2)]):
-        assert sum(store.digest(a[s], (s,), a.shape) for s in cut) % 2**64 == whole
-    cols = [(slice(None), slice(k, 17, 3)) for k in range(3)]
-    assert sum(store.digest(a[s], s, a.shape) for s in cols) % 2**64 == whole
-    # both kernels ran above: runs of whole rows take the consecutive one, anything else the general one
     assert store._consecutive_base((slice(10, 33),), a.shape, (23, 17)) == 170
     assert store._consecutive_base((), a.shape, a.shape) == 0 and store._consecutive_base((), (), ()) == 0
     assert store._consecutive_base((slice(0, 33, 2),), a.shape, (17, 17)) is None
