@@ -16,6 +16,7 @@ import functools
 import gc
 import math
 import os
+import sys
 import threading
 
 import numpy as np
@@ -172,7 +173,8 @@ def _digest_future(values, index: tuple = (), shape: tuple | None = None):
         base = _consecutive_base(index, shape, tuple(values.shape))
         layout = [[base], [1], [1]] if base is not None else _layout(index, shape)
         args = [np.asarray(v, np.uint64).reshape(-1) for v in layout]
-        return _digest_kernel(platform)(values, *args, flat=base is not None, group=platform == "cpu")  # dispatched
+        return _digest_kernel(platform)(values, *args, flat=base is not None,
+                                        group=platform == "cpu" and sys.byteorder == "little")  # dispatched
 
 
 def _owned_shards(array) -> list:
