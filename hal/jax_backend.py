@@ -145,13 +145,19 @@ class JaxBackend(Backend):
                 (loss, grads), _ = jax.lax.scan(micro, zero, tokens)
                 loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
             grad_norm = optax.tree.norm(grads)
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-            # A non-finite loss or gradient never reaches the state: the update (and count) is skipped.
+
+            def update(operand):
+                params, opt_state, grads = operand
+                updates, new_opt_state = tx.update(grads, opt_state, params)
+                return jax.tree.map(lambda p, u: p - lr * u, params, updates), new_opt_state
+
+            # A non-finite loss or gradient never reaches the state: the update (and count) is skipped. A cond,
+            # not a select of old against new: that select was one more pass over params and both moments, 3%
+            # of a CPU step of the small model (bench/RESULTS.md, session 4).
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state),
-                    loss, grad_norm)
+            new_params, new_opt_state = jax.lax.cond(finite, update, lambda operand: operand[:2],
+                                                     (params, opt_state, grads))
+            return new_params, new_opt_state, loss, grad_norm
 
         def eval_loss(params, tokens):
             return jax.lax.map(lambda tok: loss_fn(params, tok), tokens).mean()
