@@ -60,9 +60,10 @@ def _layout(index: tuple, shape: tuple):
 
 def _words(values, group: bool):
     """(words, k): `values` as uint64 words. Where the last axis holds a multiple of k = 8 // itemsize elements,
-    each word packs k neighbours along it (element j in bits [j*8*itemsize, ...), as on the little-endian hosts
-    and devices we digest on): a bitcast, no conversion. Otherwise one element per word (k = 1), zero-extended.
-    XLA:CPU runs that 32->64-bit conversion fused into a sum ~5x slower than the bitcast (measured)."""
+    each word packs k neighbours along it (element j in bits [j*8*itemsize, ...): `group` only on a little-endian
+    host CPU): a bitcast, no conversion. Otherwise one element per word (k = 1), zero-extended (GPUs, odd axes).
+    XLA:CPU compiles the 32->64-bit conversion fused into the sum poorly: the whole digest of 37.7M float32
+    took 0.10 s that way and 0.055 s with packed words (one core, the same values)."""
     import jax
     import jax.numpy as jnp
     size = values.dtype.itemsize
