@@ -731,14 +731,16 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
         "load_file of the same host tensors (no device->host copy, no checksums); 'raw + fsync' adds the fsync "
         "that makes a file survive a power cut, which trichip's save does (tensorstore syncs its writes). Same "
         "local disk, page cache, alternating; each round starts from a synced disk, and what it wrote is truncated "
-        "and unlinked only after the section (bench.run.discard). The goal (0.7x) is read against the durable raw write.")
+        "and unlinked only after the section (bench.run.discard). The goal (0.7x) is read against the durable raw "
+        "write.")
     report.table(
         "4c. Async save (trainer.async_save=true, the default): what blocks the loop",
         ["framework", "model", "blocking save s", "async: call s", "async: device copy s", "step alone s",
          "blocks (share of a step)", "< 5%", "step beside the write s", "beside / alone", "async save to commit s"],
         rows_async,
         "call: trainer.checkpoint.PendingSave(background=True), i.e. the state copy (torch: clone of its tensors; "
-        "JAX: a jitted copy, dispatched; 'device copy' is how long it then still ran, counted as blocking). The write, digests and commit then run in a thread while the next step runs: on these 2 "
+        "JAX: a jitted copy, dispatched; 'device copy' is how long it then still ran, counted as blocking). The "
+        "write, digests and commit then run in a thread while the next step runs: on these 2 "
         "cores they compete with it for CPU (beside / alone); on an accelerator the step runs on the device. "
         "Commit: PendingSave.finish() after that step (manifest, rename), from the call.")
     report.table(

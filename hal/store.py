@@ -69,7 +69,8 @@ def _words(values, group: bool):
     size = values.dtype.itemsize
     k = 8 // size
     if group and size < 8 and values.ndim and values.shape[-1] % k == 0:
-        return jax.lax.bitcast_convert_type(values.reshape(values.shape[:-1] + (values.shape[-1] // k, k)), jnp.uint64), k
+        packed = values.reshape(values.shape[:-1] + (values.shape[-1] // k, k))
+        return jax.lax.bitcast_convert_type(packed, jnp.uint64), k
     u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[size]
     return jax.lax.bitcast_convert_type(values, u).astype(jnp.uint64), 1
 
@@ -81,7 +82,7 @@ def _digest_kernel_fn(values, starts, steps, strides, flat: bool, group: bool):
     along the last axis."""
     import jax
     import jax.numpy as jnp
-    if flat or values.ndim == 0:
+    if flat:
         values = values.reshape(-1)
     words, k = _words(values, group)
     scale = steps * strides * jnp.uint64(_GOLDEN)    # position * GOLDEN, distributed: one multiply per axis
@@ -112,19 +113,21 @@ def _mix(x):
 @functools.cache
 def _digest_kernel(platform: str):
     """The jitted digest pass (~6x faster than NumPy's ten passes over uint64 temporaries). On the CPU it is
-    compiled for 512-bit vectors, which XLA does not prefer by default: 26% faster there (the 64-bit
+    compiled for 512-bit vectors, which XLA does not prefer by default: ~20% faster there (the 64-bit
     multiplies), and a compile option of this kernel alone, not of the model's."""
     import jax
+    jit = functools.partial(jax.jit, _digest_kernel_fn, static_argnames=("flat", "group"))
     if platform != "cpu":
-        return jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"))
+        return jit()
     try:
-        kernel = jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"), compiler_options={"xla_cpu_prefer_vector_width": 512})
+        kernel = jit(compiler_options={"xla_cpu_prefer_vector_width": 512})
         with jax.enable_x64(True):
             one = np.ones(1, np.uint64)
-            kernel(jax.device_put(np.zeros(8, np.float32), _host_device()), one * 0, one, one, flat=True, group=True).block_until_ready()
+            kernel(jax.device_put(np.zeros(8, np.float32), _host_device()), one * 0, one, one,
+                   flat=True, group=True).block_until_ready()
         return kernel
     except Exception:        # a JAX or XLA without the option (only speed depends on it)
-        return jax.jit(_digest_kernel_fn, static_argnames=("flat", "group"))
+        return jit()
 
 
 def _consecutive_base(index: tuple, shape: tuple, local_shape: tuple):
