@@ -565,8 +565,8 @@ def step_section(report: Report, opts, ceil: dict, tmp: Path) -> dict:
 # 4. checkpoints
 # ---------------------------------------------------------------------------------------------------
 def settle(path=None) -> None:
-    """Untimed: write back what the bench itself left dirty (a file, or with no path everything, e.g.
-    the last round's deletions), so that its writeback does not run inside the next timed write."""
+    """Write back what is dirty: a file (its fsync), or with no path everything (the last round's truncations
+    too). Untimed between measurements, so that the bench's own writeback does not run inside the next one."""
     if path is None:
         os.sync()
         return
@@ -597,9 +597,7 @@ def raw_sync(path: str, tensors: dict) -> None:
     syncs what it writes)."""
     from safetensors.numpy import save_file
     save_file(tensors, path)
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    settle(path)
 
 
 def orbax_write(path: str, tensors: dict, compression: bool) -> None:
