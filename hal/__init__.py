@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from hal.base import Backend, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, StepMetrics, UserError
+from hal.base import (Backend, CheckpointDamaged, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec,
+                      StepMetrics, StorageError, UserError, WrongModelError, first_line)
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -64,5 +65,5 @@ def torch_devices() -> dict:
     return out
 
 
-__all__ = ["Backend", "CheckpointSaveError", "HostState", "NonFiniteError", "OptimizerSpec", "StepMetrics",
-           "UserError", "make_backend", "FRAMEWORKS", "jax_devices", "torch_devices"]
+__all__ = ["Backend", "CheckpointDamaged", "CheckpointSaveError", "HostState", "NonFiniteError", "OptimizerSpec",
+           "StepMetrics", "StorageError", "UserError", "WrongModelError", "first_line", "make_backend", "FRAMEWORKS", "jax_devices", "torch_devices"]

@@ -11,13 +11,13 @@ from typing import Callable
 
 import numpy as np
 
-from models.errors import UserError  # noqa: F401  (re-exported: hal.base.UserError)
+from models.errors import (CheckpointDamaged, StorageError, UserError, WrongModelError,  # noqa: F401  (re-exported)
+                           first_line)
 from models.spec import LlamaConfig, decays
 
 
-class CheckpointSaveError(UserError):
+class CheckpointSaveError(StorageError):
     """A checkpoint could not be written (disk full, file size limit, permissions); older ones are intact."""
-    exit_code = 3
 
 
 class NonFiniteError(UserError):
