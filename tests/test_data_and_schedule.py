@@ -24,17 +24,39 @@ def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
     assert batch.shape == (8, 65) and batch.dtype == np.int32 and batch.max() <= EOS
 
 
-def test_held_out_split_is_never_trained_on():
+@pytest.mark.parametrize("eval_fraction", [0.05, 0.25])
+def test_held_out_split_is_never_trained_on(tmp_path, eval_fraction):
+    """Token i of the file is the number i, so every batch row shows where in the file it was read: train
+    rows and held-out rows are whole windows from disjoint parts, held-out ones from the file's last
+    `eval_fraction`, and between them they reach both ends of each part."""
+    n, seq_len = 4000, 32
+    path = tmp_path / "positions.npy"
+    np.save(path, np.arange(n, dtype=np.uint16))
+    data = TokenData(str(path), seq_len=seq_len, seed=0, vocab_size=n, eval_fraction=eval_fraction)
+    train = np.concatenate([data.train_batch(step, 8) for step in range(500)])
+    held = np.concatenate([data.eval_batch(index, 8) for index in range(100)])
+    boundary = int(n * (1 - eval_fraction))
+    for rows in (train, held):
+        assert rows.shape[1] == seq_len + 1 and (np.diff(rows, axis=1) == 1).all()    # contiguous windows
+    assert np.intersect1d(train, held).size == 0
+    assert train.max() < boundary <= held.min()
+    assert train.min() <= 3 and train.max() >= boundary - 4 and held.min() <= boundary + 3 and held.max() >= n - 4
+
+
+def test_windows_are_the_documented_draws():
+    """Train rows of step s start at offsets drawn by PCG64 seeded with (seed, 0, s) from the train part,
+    held-out batch i's with (seed, 1, i) from the last 5% (the TokenData docstring): the data order a
+    resumed run relies on."""
     data = TokenData("builtin:python_docs", seq_len=32, seed=0, vocab_size=257)
     tokens = np.asarray(data.tokens)
-    # windows are contiguous slices; locate them by their offsets
+    split = int(len(tokens) * 0.95)
+    window = np.arange(33)
     for step in range(50):
-        rng = np.random.default_rng([0, 0, step])
-        starts = rng.integers(0, data.split - 33, size=4, endpoint=True)
-        assert (starts + 33 <= data.split).all()
-        np.testing.assert_array_equal(data.train_batch(step, 4)[0], tokens[starts[0]:starts[0] + 33])
-    ev = np.random.default_rng([0, 1, 0]).integers(data.split, len(tokens) - 33, size=4, endpoint=True)
-    assert (ev >= data.split).all()
+        starts = np.random.default_rng([0, 0, step]).integers(0, split - 33, size=4, endpoint=True)
+        np.testing.assert_array_equal(data.train_batch(step, 4), tokens[starts[:, None] + window])
+    for index in range(5):
+        starts = np.random.default_rng([0, 1, index]).integers(split, len(tokens) - 33, size=4, endpoint=True)
+        np.testing.assert_array_equal(data.eval_batch(index, 4), tokens[starts[:, None] + window])
 
 
 def test_token_file_errors(tmp_path):
