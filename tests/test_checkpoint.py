@@ -49,8 +49,16 @@ def test_round_trip_and_manifest(tmp_path, backend):
     assert manifest["format_version"] == checkpoint.FORMAT_VERSION and manifest["step"] == 3
     info = manifest["tensors"]["params/model.layers.0.self_attn.q_proj.weight"]
     assert info["shape"] == [128, 128] and info["dtype"] == "float32" and isinstance(info["digest"], int)
-    assert manifest["tensors"]["opt/count"] == {"shape": [], "dtype": "int32", "digest": manifest["tensors"][
-        "opt/count"]["digest"]}
+    count = manifest["tensors"]["opt/count"]
+    assert {k: count[k] for k in ("shape", "dtype")} == {"shape": [], "dtype": "int32"}
+    # every digest is the definition's number for the array that was saved (not merely self-consistent)
+    from hal import store
+    saved = st.tensors()
+    assert set(manifest["tensors"]) == set(saved)
+    assert {k: v["digest"] for k, v in manifest["tensors"].items()} == \
+        {k: store.digest_reference(v) for k, v in saved.items()}
+    assert count["digest"] == store.digest_reference(np.asarray(3, np.int32)) != store.digest_reference(
+        np.asarray(9, np.int32))
     assert (path / "config.yaml").read_text() == "a: 1\n"
     assert checkpoint.resolve(tmp_path) == path and checkpoint.resolve(path) == path
 
@@ -91,8 +99,9 @@ def test_damaged_tensor_is_detected(tmp_path, backend):
 
 
 def test_checkpoints_in_the_earlier_ocdbt_layout_still_load(tmp_path, backend):
-    """Since session 3 the tensors are one zarr array each (faster to write); checkpoints written before
-    that hold them in orbax's OCDBT layout. orbax tells the two apart when reading."""
+    """A single process writes each tensor as its own zarr array (faster to write); several processes write
+    orbax's OCDBT layout, and checkpoints already on disk may hold it. orbax tells the two apart when
+    reading, so both load."""
     import orbax.checkpoint as ocp
 
     from hal import store
@@ -104,7 +113,7 @@ def test_checkpoints_in_the_earlier_ocdbt_layout_still_load(tmp_path, backend):
     manifest = json.loads((path / "manifest.json").read_text())
     tensors = store.read_tensors(str(state_dir), list(manifest["tensors"]))
     shutil.rmtree(state_dir)
-    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:    # what hal.store wrote until then
+    with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:    # the same tensors, OCDBT layout
         ckptr.save(str(state_dir), store._nested(tensors))
     assert (state_dir / "manifest.ocdbt").exists()
     backend.set_state(_state(seed=3, count=1))
