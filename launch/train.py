@@ -52,16 +52,27 @@ def _known_keys(parent: str) -> list[str]:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose the config from the command line once, so a bad override is one line, not a traceback."""
+    """Compose the config from the command line once, so a bad override is one line, not a traceback; then
+    lock an existing run dir before Hydra writes its .hydra/ into it (a refused run must not overwrite the
+    resolved config of the run that holds it)."""
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return  # sweeps and Hydra's own flags: Hydra reports those itself
     from hydra import compose, initialize_config_module
     overrides = [a for a in argv if not a.startswith("hydra")]
     try:
         with initialize_config_module("configs", version_base="1.3"):
-            compose("train", overrides=overrides)
+            cfg = compose("train", overrides=overrides)
+            run_dir = str(cfg.run_dir)
     except Exception as e:  # Hydra's composition and override errors have no common base class
         _fail(_one_line(e))
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        _fail(f"run dir {run_dir} is a file; choose a directory (run_dir=...)")
+    if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(run_dir):
+        from trainer.safety import RunLock
+        try:
+            RunLock(run_dir).acquire()      # held until the process ends; train() takes it again
+        except UserError as e:
+            _fail(str(e), e.exit_code)
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -1,18 +1,16 @@
-"""Checkpoint policy and layout: one format for every backend.
+"""The checkpoint format and its primitives: one format for every backend.
 
-    checkpoints/<step>/manifest.json   format version, step, data cursor, RNG, model spec, who wrote it,
-                                       and every tensor's shape, dtype and digest
-    checkpoints/<step>/config.yaml     the resolved run config
-    checkpoints/<step>/state/          the tensors (orbax-checkpoint; hal.store says which layout)
+    <root>/<step>/manifest.json   format version, step, data cursor, RNG, model spec, who wrote it, the run
+                                  lineage, and every tensor's shape, dtype and digest
+    <root>/<step>/config.yaml     the resolved run config
+    <root>/<step>/state/          the tensors (orbax-checkpoint; hal.store says which layout)
 
-A checkpoint is assembled in checkpoints/.tmp-<step>/ and renamed into place only when
-complete, so a crash mid-save never leaves a directory named like a step; leftovers are removed.
+A checkpoint is assembled in a local `.tmp-<step>/` directory (under the root on a disk, under the run's
+staging directory for an object store) and published whole by the location layer (trainer.storage): a rename
+on a disk, an upload with the manifest last on a store. It is complete iff its manifest is there.
 
-The checkpoints root may also be an object-store prefix (s3://bucket/prefix, gs://bucket/prefix; see
-trainer.remote). A checkpoint is then saved as above into a local staging directory and uploaded file
-by file, manifest.json last: on a store, a checkpoint is complete iff its manifest exists, and removing
-one deletes the manifest first. Reading one downloads it into a local cache first. Every function here
-takes a local path or such a URL (or a trainer.remote.RemotePath) alike.
+Every function takes a local path, an s3:// or gs:// URL, or a trainer.storage.Location. The policy (which
+checkpoint a run resumes from, when to save, what to prune) is trainer.checkpointer's.
 """
 from __future__ import annotations
 
@@ -27,77 +25,58 @@ from pathlib import Path
 
 import numpy as np
 
-from hal.base import UserError
-from trainer import remote
-from trainer.remote import RemotePath, is_remote
+from hal.base import CheckpointDamaged, StorageError, UserError, first_line
+from trainer.storage import MANIFEST, LocalDir, Location, StoreDir, is_remote, location, storage_errors
 
 log = logging.getLogger("trichip")
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["FORMAT_VERSION", "MANIFEST", "PendingSave", "checkpoint_root", "fetch", "is_checkpoint", "list_steps",
+           "load", "location", "prune", "read_manifest", "remove", "resolve", "save", "scan", "is_remote"]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def public(loc: Location):
+    """A Location as callers outside this module see it: a Path on a disk, the StoreDir on a store."""
+    return loc.path if isinstance(loc, LocalDir) else loc
 
 
-def location(path) -> Path | RemotePath:
-    """A local path or an object-store URL, as the path type this module works with."""
-    return RemotePath(path) if is_remote(path) else Path(path)
-
-
-def checkpoint_root(checkpoint_dir, run_dir) -> Path | RemotePath:
+def checkpoint_root(checkpoint_dir, run_dir) -> Location:
     """Where a run keeps its checkpoints: trainer.checkpoint_dir (a directory, or an s3:// or gs:// prefix,
     whose bucket and credentials are checked now, before any compute); by default run_dir/checkpoints."""
     if checkpoint_dir in (None, ""):
-        return Path(run_dir) / "checkpoints"
-    if is_remote(checkpoint_dir):
-        path = RemotePath(checkpoint_dir)
-        _user_error(lambda: path.store)
-        return path
-    return Path(str(checkpoint_dir))
+        return LocalDir(Path(run_dir) / "checkpoints")
+    root = location(checkpoint_dir)
+    if isinstance(root, StoreDir):
+        root.store        # noqa: B018  (made and checked now)
+    return root
 
 
-def save(root: Path, step: int, backend, meta: dict, config_yaml: str = "", staging=None) -> Path:
-    """Write checkpoint `step` under root atomically; returns its directory.
-
-    Collective: every process calls it. Each writes the shards it holds into checkpoints/.tmp-<step>/;
-    process 0 then writes the manifest (with every tensor's digest) and renames the directory into place.
-
-    A remote root (s3://, gs://) needs `staging`, a local directory every process can write (the run
-    dir's .staging/): the checkpoint is saved there as above, then process 0 uploads it (manifest last)
-    and removes the local copy. A failed upload raises remote.RemoteError (an OSError) on every process.
-    """
-    return PendingSave(root, step, backend, meta, config_yaml, staging, background=False).finish()
+def save(root, step: int, backend, meta: dict, config_yaml: str = "", staging=None, replace: bool = False):
+    """Write checkpoint `step` under root, blocking; returns where it is (collective: every process calls it)."""
+    return PendingSave(root, step, backend, meta, config_yaml, staging, background=False, replace=replace).finish()
 
 
 class PendingSave:
-    """One checkpoint on its way to disk. background=True (trainer.async_save): the state is copied now
-    (the only part that blocks training) and written by a thread while training goes on; `finish()`,
-    called on every process at the same step, then adds the digests up, writes the manifest and renames
-    the directory into place (and uploads it to an object store). Until then the checkpoint is a
-    .tmp-<step> directory that a crash leaves behind and the next save or resume removes."""
+    """One checkpoint on its way to storage. background=True (trainer.async_save): the state is copied now
+    (the only part that blocks training) and written by a thread while training goes on. `finish()`, called
+    on every process at the same step, adds the digests up, writes the manifest and publishes the
+    checkpoint. Until then it is a .tmp-<step> directory that a crash leaves behind and pruning removes.
+
+    A store root needs `staging`, a local directory every process can write (the run dir's .staging/).
+    `replace`: an existing checkpoint of the same step may be replaced (it was proven damaged)."""
 
     def __init__(self, root, step: int, backend, meta: dict, config_yaml: str = "", staging=None,
-                 background: bool = True):
+                 background: bool = True, replace: bool = False):
         self.step, self.backend, self.meta, self.config_yaml = step, backend, meta, config_yaml
-        self.remote = RemotePath(root) if is_remote(root) else None
-        if self.remote is not None:
-            if staging is None:
-                raise ValueError(f"saving to {root} needs a local staging directory")
-            root = Path(staging)
-        self.root = Path(root)
-        self.final, self.tmp = self.root / str(step), self.root / f".tmp-{step}"
+        self.dest, self.replace = location(root) / str(step), replace
+        if self.dest.is_remote and staging is None:
+            raise ValueError(f"saving to {root} needs a local staging directory")
+        local_root = Path(staging) if self.dest.is_remote else Path(str(root))
+        self.tmp = local_root / f".tmp-{step}"
         self.lead = backend.process_index == 0
         self.written, self.error, self._thread = None, None, None
         if self.lead:
-            if self.remote is not None:
-                shutil.rmtree(self.root, ignore_errors=True)     # what a run killed mid-save or mid-upload left
-            self.root.mkdir(parents=True, exist_ok=True)
+            local_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.tmp, ignore_errors=True)          # a crashed earlier attempt at this step
             self.tmp.mkdir()
         backend.barrier(f"checkpoint-{step}-start")
@@ -129,7 +108,7 @@ class PendingSave:
         if _on_any_process(self.backend, error is not None):      # every process takes the same path
             log.warning("checkpoint %d: no room for a background copy of the state (%s); this save blocks "
                         "training (trainer.async_save=false avoids the attempt)", self.step,
-                        str(error).splitlines()[0][:160] if error else "on another process")
+                        first_line(error, 160) if error else "on another process")
             return None
         return write
 
@@ -148,8 +127,9 @@ class PendingSave:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def finish(self):
-        """Wait for the write, then commit (collective: every process, same step). Raises the write's
-        error on every process if it failed on any (the temp directory is removed)."""
+        """Wait for the write, then commit (collective: every process, same step). Raises the write's or the
+        publication's error on every process if it failed on any (the temp directory is removed; whatever
+        was at the destination before is intact). Returns where the checkpoint is (see `public`)."""
         if self._thread is not None:
             self._thread.join()
         backend = self.backend
@@ -163,92 +143,20 @@ class PendingSave:
                 except Exception as e:      # noqa: BLE001  (agreed on below, then raised)
                     error = e
             _agree(backend, error, f"the commit of checkpoint {self.step}")
-        except BaseException:
+        finally:
             self._cleanup()
-            raise
         backend.barrier(f"checkpoint-{self.step}-done")
-        if self.remote is None:
-            return self.final
-        return self._upload()
+        return public(self.dest)
 
     def _commit(self, tensors: dict) -> None:
-        """Process 0: manifest (fsync'd), then the rename that makes the checkpoint exist."""
+        """Process 0: the manifest (fsync'd), then the publication that makes the checkpoint exist."""
         manifest = dict(self.meta, format_version=FORMAT_VERSION, step=self.step, tensors=tensors)
         (self.tmp / "config.yaml").write_text(self.config_yaml)
         with open(self.tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if self.final.exists():       # the same step saved again (a resumed run's last step): replace it
-            shutil.rmtree(self.final)
-        os.rename(self.tmp, self.final)
-        _fsync_dir(self.root)
-
-    def _upload(self) -> RemotePath:
-        root, dest, error = self.remote, self.remote / str(self.step), None
-        if self.lead:
-            try:
-                upload(self.final, dest)
-            except Exception as e:          # UserError too (credentials expired mid-run): the save policy applies
-                error = e if isinstance(e, OSError) else remote.RemoteError(f"upload to {dest} failed: {e}")
-                with contextlib.suppress(Exception):
-                    dest.store.delete_prefix(dest.key, first=(MANIFEST,))
-            finally:
-                shutil.rmtree(self.root, ignore_errors=True)
-        _agree(self.backend, error, f"the upload to {dest}")
-        if error is None:
-            _seen[root.url] = sorted(set(_seen.get(root.url, [])) | {self.step})
-        return dest
-
-
-def upload(local: Path, dest, commit: bool = True) -> None:
-    """Upload a local checkpoint directory to a remote one: first remove what is there (a crashed upload
-    of the same step, or the same step saved again: manifest first), then every file, manifest.json last.
-    With commit=False the manifest is not uploaded: the checkpoint stays incomplete (invisible to
-    list_steps and resolve) until commit()."""
-    dest = RemotePath(dest)
-    store = dest.store
-    store.delete_prefix(dest.key, first=(MANIFEST,))
-    store.upload_dir(local, dest.key, last=(MANIFEST,), skip=() if commit else (MANIFEST,))
-
-
-def commit(local: Path, dest) -> None:
-    """Upload the manifest of an upload(..., commit=False): the remote checkpoint is complete from now on."""
-    dest = RemotePath(dest)
-    dest.store.upload_file(Path(local) / MANIFEST, dest.join_key(MANIFEST))
-
-
-def remove(ckpt) -> None:
-    """Delete a checkpoint (manifest first, so it is never seen half-removed)."""
-    if is_remote(ckpt):
-        ckpt = RemotePath(ckpt)
-        ckpt.store.delete_prefix(ckpt.key, first=(MANIFEST,))
-    else:
-        ckpt = Path(ckpt)
-        (ckpt / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-
-
-def is_checkpoint(path) -> bool:
-    """Whether a complete checkpoint (one with a manifest) is at path, local or remote."""
-    if is_remote(path):
-        path = RemotePath(path)
-        return _user_error(lambda: path.store.exists(path.join_key(MANIFEST)))
-    return (Path(path) / MANIFEST).is_file()
-
-
-def download(ckpt, local: Path, require_manifest: bool = True) -> None:
-    """Download a remote checkpoint into the local directory (replacing it), manifest.json last.
-    require_manifest=False: also an uncommitted one (see upload), e.g. to check it before commit()."""
-    ckpt, local = RemotePath(ckpt), Path(local)
-    store = ckpt.store
-    if require_manifest and not store.exists(ckpt.join_key(MANIFEST)):
-        raise UserError(f"checkpoint {ckpt} is incomplete or missing (no {MANIFEST})")
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    got = store.download_dir(ckpt.key, local, last=(MANIFEST,))
-    if require_manifest and MANIFEST not in got:    # removed while we read: pruned or replaced meanwhile
-        raise UserError(f"checkpoint {ckpt} was removed while it was being downloaded")
+        self.dest.publish(self.tmp, replace=self.replace)
 
 
 def _on_any_process(backend, flag: bool) -> bool:
@@ -265,84 +173,98 @@ def _agree(backend, error: BaseException | None, what: str) -> None:
         raise error if error is not None else OSError(f"{what} failed on another process")
 
 
-def _user_error(fn):
-    """Run a remote operation; a network or server failure becomes a one-line UserError."""
+def upload(local: Path, dest, commit: bool = True) -> None:
+    """Upload a local checkpoint directory to a store prefix (see StoreDir.upload; commit=False leaves the
+    manifest out, so the copy is invisible to resume until `commit`)."""
+    StoreDir(str(dest)).upload(Path(local), commit=commit)
+
+
+def commit(local: Path, dest) -> None:
+    """Upload the manifest of an upload(..., commit=False): the remote checkpoint is complete from now on."""
+    StoreDir(str(dest)).commit(Path(local))
+
+
+def download(ckpt, local: Path, require_manifest: bool = True) -> None:
+    """Download a remote checkpoint into the local directory (replacing it), manifest.json last."""
     try:
-        return fn()
-    except remote.RemoteError as e:
-        raise UserError(str(e)) from None
+        location(ckpt).download(Path(local), require_manifest=require_manifest)
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint {e.strerror}") from None
 
 
-_seen: dict[str, list[int]] = {}     # the last listing of each remote root, for list_steps(best_effort=True)
+def remove(ckpt) -> None:
+    """Delete a checkpoint (manifest first, so it is never seen half-removed)."""
+    location(ckpt).remove()
 
 
-def _remote_steps(root: RemotePath, all_dirs: bool = False):
-    store = root.store
-    dirs = [d for d in store.list_dirs(root.key) if d.isdigit()]
-    complete = [d for d in dirs if store.exists(root.join_key(f"{d}/{MANIFEST}"))]
-    steps = sorted(int(d) for d in complete)
-    return (steps, [d for d in dirs if d not in complete]) if all_dirs else steps
+def is_checkpoint(path) -> bool:
+    """Whether a complete checkpoint (one with a manifest) is at path, local or remote."""
+    loc = location(path)
+    with storage_errors("read", loc):
+        return loc.exists(MANIFEST)
 
 
-def list_steps(root: Path, best_effort: bool = False) -> list[int]:
-    """Steps of complete checkpoints under root, ascending. For a remote root that cannot be listed now,
-    best_effort returns those its last listing (or save) found instead of raising a UserError."""
-    if is_remote(root):
-        root = RemotePath(root)
-        try:
-            steps = _user_error(lambda: _remote_steps(root))
-        except UserError:
-            if best_effort:
-                return list(_seen.get(root.url, []))
-            raise
-        _seen[root.url] = steps
-        return steps
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.name.isdigit() and (p / MANIFEST).is_file())
+def scan(root) -> tuple[list[int], list[int]]:
+    """(steps with a manifest, steps without one) under root, ascending. On a disk a step directory without a
+    manifest was damaged (a checkpoint is renamed into place only after its manifest is written); on a store
+    it is an upload that did not finish, invisible by the commit rule."""
+    root = location(root)
+    with storage_errors("list", root):
+        steps = sorted(int(d) for d in root.list_dirs() if d.isdigit())
+        complete = [s for s in steps if (root / str(s)).exists(MANIFEST)]
+    return complete, [s for s in steps if s not in complete]
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove older ones and abandoned temp dirs (on a store: step
-    prefixes without a manifest, left by an upload or a removal that was cut short). On a store this is
-    best effort: a failure is a warning, and the next prune tries again."""
-    if is_remote(root):
-        root = RemotePath(root)
-        try:
-            store = root.store
-            steps, abandoned = _remote_steps(root, all_dirs=True)
-            doomed = steps[:-keep] if keep > 0 else []
-            for step in doomed:
-                store.delete_prefix(root.join_key(str(step)), first=(MANIFEST,))
-            for d in abandoned:
-                store.delete_prefix(root.join_key(d))
-            _seen[root.url] = [s for s in steps if s not in doomed]
-        except (UserError, OSError) as e:
-            log.warning("could not remove old checkpoints in %s (%s); the next checkpoint tries again", root, e)
-        return
-    root = Path(root)
-    steps = list_steps(root)
-    for step in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(root / str(step), ignore_errors=True)
-    for p in root.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+def list_steps(root) -> list[int]:
+    """Steps of complete checkpoints under root, ascending."""
+    return scan(root)[0]
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, a checkpoints/ dir or a run dir -> the checkpoint directory to read (on a store:
-    a checkpoint prefix, a checkpoints prefix, or a prefix holding checkpoints/ -> a RemotePath)."""
-    if is_remote(path):
-        return _user_error(lambda: _resolve_remote(RemotePath(path)))
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        steps = list_steps(root)
-        if steps:
-            return root / str(steps[-1])
-    elsewhere = _recorded_checkpoint_dir(p)
+def prune(root, keep: int, upto: int | None = None, skip=(), lineage: str | None = None, busy=()) -> list[int]:
+    """Keep the newest `keep` complete checkpoints with step <= upto, not in `skip` (known damaged) and, given a
+    `lineage` run id, whose manifests carry it (or none); remove older ones of those, and abandoned temp
+    directories (on a store: step prefixes without a manifest), except the `busy` ones being written.
+    Checkpoints outside that set are never touched. Returns the steps removed."""
+    loc = location(root)
+    with storage_errors("prune", loc):
+        complete, unfinished = scan(loc)
+        ours = [s for s in complete if (upto is None or s <= upto) and s not in skip
+                and (lineage is None or _lineage(loc / str(s)) in (None, lineage))]
+        doomed = ours[:-keep] if keep > 0 else []
+        for step in doomed:
+            (loc / str(step)).remove()
+        if isinstance(loc, LocalDir):
+            for p in loc.path.glob(".tmp-*"):
+                if p.name not in {f".tmp-{b}" for b in busy}:
+                    LocalDir(p).remove()
+        else:
+            for step in unfinished:
+                if step not in busy:
+                    (loc / str(step)).remove()
+    return doomed
+
+
+def _lineage(ckpt: Location):
+    """The run id a checkpoint's manifest carries (None: written before lineage was recorded); a damaged
+    manifest belongs to no lineage."""
+    try:
+        return (read_manifest(ckpt).get("lineage") or {}).get("run_id")
+    except CheckpointDamaged:
+        return "?"
+
+
+def resolve(path):
+    """A checkpoint dir, a checkpoints/ dir or a run dir (or such a store prefix) -> the checkpoint to read:
+    a Path on a disk, a StoreDir on a store."""
+    loc = location(path)
+    with storage_errors("read", loc):
+        if loc.exists(MANIFEST):
+            return public(loc)
+        for root in (loc / "checkpoints", loc):
+            steps = list_steps(root)
+            if steps:
+                return public(root / str(steps[-1]))
+    elsewhere = None if loc.is_remote else _recorded_checkpoint_dir(Path(str(loc)))
     if elsewhere is not None:
         return resolve(elsewhere)
     raise UserError(f"{path} is not a trichip checkpoint (no {MANIFEST}), nor a run or checkpoints "
@@ -362,52 +284,85 @@ def _recorded_checkpoint_dir(run_dir: Path):
     return None
 
 
-def _resolve_remote(p: RemotePath) -> RemotePath:
-    if p.store.exists(p.join_key(MANIFEST)):
-        return p
-    for root in (p / "checkpoints", p):
-        steps = list_steps(root)
-        if steps:
-            return root / str(steps[-1])
-    raise UserError(f"{p} is not a trichip checkpoint (no {MANIFEST}), nor a run or checkpoints "
-                    f"prefix holding one")
-
-
-def read_manifest(ckpt: Path, name=None) -> dict:
-    """The manifest of a checkpoint (local, or remote: read without downloading anything else).
-    `name`: how errors call the checkpoint (default: ckpt)."""
+def read_manifest(ckpt, name=None) -> dict:
+    """The manifest of a checkpoint (local, or remote: read without downloading anything else). A manifest
+    that is missing, not JSON or not the object trichip writes is CheckpointDamaged; one that cannot be read
+    is StorageError. `name`: how errors call the checkpoint (default: ckpt)."""
+    loc = location(ckpt)
+    name = name or ckpt
     try:
-        if is_remote(ckpt):
-            ckpt = RemotePath(ckpt)
-            manifest = json.loads(ckpt.store.read_bytes(ckpt.join_key(MANIFEST)))
-        else:
-            manifest = json.loads((Path(ckpt) / MANIFEST).read_text())
-    except (OSError, ValueError, UserError) as e:
-        raise UserError(f"checkpoint {name or ckpt}: cannot read {MANIFEST} ({e})") from None
-    ckpt = name or ckpt
+        with storage_errors("read", loc):
+            raw = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"checkpoint {name} has no {MANIFEST}") from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} is not JSON ({first_line(e, 120)})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} is not a trichip manifest (a JSON "
+                                f"{type(manifest).__name__}, not an object)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {ckpt} has format version {manifest.get('format_version')}; "
+        raise UserError(f"checkpoint {name} has format version {manifest.get('format_version')!r}; "
                         f"this trichip reads version {FORMAT_VERSION}")
+    _check_fields(manifest, name)
     return manifest
 
 
-def load(ckpt: Path, backend, cache=None) -> dict:
-    """Restore a checkpoint into the backend (collective), verifying every tensor's digest against the
-    manifest. Returns the manifest. A remote checkpoint is downloaded into `cache` first (see fetch)."""
-    if is_remote(ckpt):
-        with fetch(ckpt, cache, backend) as local:
-            return _load(local, backend, RemotePath(ckpt))
-    return _load(Path(ckpt), backend, ckpt)
+def _check_fields(manifest: dict, name) -> None:
+    tensors = manifest.get("tensors")
+    if not isinstance(manifest.get("step"), int) or not isinstance(tensors, dict):
+        raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} lacks its step or tensor list")
+    for tensor, entry in tensors.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and
+                isinstance(entry.get("dtype"), str) and isinstance(entry.get("digest"), int)):
+            raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} entry of {tensor} is not a "
+                                    f"{{shape, dtype, digest}} record")
 
 
-def _load(local: Path, backend, name) -> dict:
-    manifest = read_manifest(local, name)
-    found = backend.load(str(local / "state"), manifest["tensors"])
+def load(ckpt, backend, cache=None) -> dict:
+    """Restore a checkpoint into the backend (collective), verifying every tensor's shape, dtype and digest
+    against the manifest. Returns the manifest. A remote checkpoint is downloaded into `cache` first.
+    Raises CheckpointDamaged for proven damage, StorageError when it cannot be read."""
+    loc = location(ckpt)
+    manifest = read_manifest(loc, ckpt)     # before any download: a damaged manifest costs nothing
+    with fetch(loc, cache, backend) as local:
+        _load(local, backend, ckpt, manifest)
+    return manifest
+
+
+def _load(local: Path, backend, name, manifest: dict) -> None:
+    try:
+        found = backend.load(str(local / "state"), manifest["tensors"])
+    except (CheckpointDamaged, StorageError):
+        raise
+    except Exception as e:   # noqa: BLE001  (classified: proven damage, or storage that cannot be read)
+        raise classify_read_error(e, name) from None
     for tensor, digest in found.items():
         if manifest["tensors"][tensor]["digest"] != digest:
-            raise UserError(f"checkpoint {name}: tensor {tensor} does not match its manifest digest; "
-                            f"the checkpoint is damaged")
-    return manifest
+            raise CheckpointDamaged(f"checkpoint {name}: tensor {tensor} does not match its manifest digest; "
+                                    f"the checkpoint is damaged")
+
+
+# What tensorstore and the OS say when a file is missing or its bytes are wrong (proven damage), as opposed to
+# when it cannot be read at all (permissions, I/O, a full or unreachable device).
+_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "decod", "Expected", "expected", "mismatch", "truncat", "corrupt",
+                 "Invalid", "invalid", "Error parsing", "out of range", "OUT_OF_RANGE")
+_UNREADABLE_WORDS = ("PERMISSION_DENIED", "Permission denied", "os_error_code=13", "os_error_code=1]",
+                     "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Input/output error", "EIO")
+
+
+def classify_read_error(e: BaseException, name) -> UserError:
+    """CheckpointDamaged when a tensor's files are missing or malformed; StorageError when they cannot be
+    read (a permission, an I/O error) or for a failure that proves nothing about the checkpoint."""
+    text = str(e)
+    if isinstance(e, PermissionError) or any(w in text for w in _UNREADABLE_WORDS):
+        return StorageError(f"checkpoint {name} cannot be read ({first_line(e, 200)}); it is not treated as "
+                            f"damaged: fix the storage and run again")
+    if isinstance(e, (FileNotFoundError, KeyError, EOFError)) or any(w in text for w in _DAMAGE_WORDS):
+        return CheckpointDamaged(f"checkpoint {name}: its tensors are missing or malformed "
+                                 f"({type(e).__name__}: {first_line(e, 200)}); the checkpoint is damaged")
+    return StorageError(f"checkpoint {name} cannot be read ({type(e).__name__}: {first_line(e, 200)})")
 
 
 @contextlib.contextmanager
@@ -417,29 +372,33 @@ def fetch(ckpt, cache=None, backend=None):
 
     With a backend it is collective: process 0 downloads, every process gets the same directory (so
     `cache` must be on a filesystem they share, like the run dir), and all raise if the download failed."""
-    if not is_remote(ckpt):
-        yield Path(ckpt)
+    loc = location(ckpt)
+    if not loc.is_remote:
+        yield Path(str(loc))
         return
-    ckpt = RemotePath(ckpt)
     lead = backend is None or backend.process_index == 0
     tmp = None
     if cache is None:
         if backend is not None and backend.process_count > 1:
             raise ValueError("a collective fetch needs a shared cache directory")
         tmp = cache = tempfile.mkdtemp(prefix="trichip-fetch-")
-    local = Path(cache) / (ckpt.name or "checkpoint")
+    local = Path(cache) / (loc.name or "checkpoint")
     error = None
     if lead:
         try:
-            download(ckpt, local)
-        except Exception as e:
-            error = UserError(f"cannot download {ckpt}: {e}") if isinstance(e, remote.RemoteError) else e
+            with storage_errors("download", loc):
+                loc.download(local)
+        except FileNotFoundError as e:
+            error = CheckpointDamaged(f"checkpoint {e.strerror}")
+        except Exception as e:       # noqa: BLE001  (agreed on below, then raised)
+            error = e
+        if error is not None:
             shutil.rmtree(local, ignore_errors=True)
     try:
-        _agree(backend, error, f"the download of {ckpt}")
+        _agree(backend, error, f"the download of {loc}")
         yield local
         if backend is not None:
-            backend.barrier(f"fetched-{ckpt.name}")     # every process has read it
+            backend.barrier(f"fetched-{loc.name}")     # every process has read it
     finally:
         if lead:
             shutil.rmtree(local, ignore_errors=True)

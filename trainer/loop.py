@@ -12,19 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from hal import (FRAMEWORKS, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec, UserError,
-                 make_backend)
+from hal import (FRAMEWORKS, HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
+                 first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
 from models import hf
 from trainer import checkpoint
+from trainer.checkpointer import REMOTE_CACHE, STAGING, Checkpointer
 from trainer.data import TokenData
 from trainer.observe import Scalars, peak_flops
 from trainer.safety import RunLock, StopRequest
@@ -32,7 +34,6 @@ from trainer.schedule import learning_rate
 
 log = logging.getLogger("trichip")
 RUN_MARKER = "run.json"
-STAGING, REMOTE_CACHE = ".staging", ".remote-cache"     # run-dir scratch for checkpoints on object stores
 
 
 def _positive_int(cfg: dict, section: str, key: str, allow_zero: bool = False) -> int:
@@ -40,6 +41,20 @@ def _positive_int(cfg: dict, section: str, key: str, allow_zero: bool = False) -
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
         kind = "a non-negative" if allow_zero else "a positive"
         raise UserError(f"{section}.{key} must be {kind} integer, got {value!r}")
+    return value
+
+
+def _bool(cfg: dict, section: str, key: str) -> bool:
+    value = cfg[section].get(key, False)
+    if not isinstance(value, bool):
+        raise UserError(f"{section}.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(cfg: dict, section: str, key: str, allowed: tuple) -> str:
+    value = cfg[section].get(key, allowed[0])
+    if value not in allowed:
+        raise UserError(f"{section}.{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     return value
 
 
@@ -94,12 +109,20 @@ class Run:
                                    eps=_number(cfg, "optim", "eps", 0.0, 1.0),
                                    weight_decay=_number(cfg, "optim", "weight_decay", 0.0, 10.0),
                                    max_grad_norm=_number(cfg, "optim", "max_grad_norm", 1e-12, 1e12))
-        for key, allowed in (("on_nonfinite", ("stop", "skip")), ("on_save_error", ("stop", "continue"))):
-            if t.get(key, allowed[0]) not in allowed:
-                raise UserError(f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}")
-        if not (isinstance(t.get("async_save", "auto"), bool) or t.get("async_save", "auto") == "auto"):
-            raise UserError(f"trainer.async_save must be auto, true or false, got {t.get('async_save')!r}")
-        self.async_save = t.get("async_save", "auto")     # auto: the backend's async_save_default
+        self.on_nonfinite = _choice(cfg, "trainer", "on_nonfinite", ("stop", "skip"))
+        self.on_save_error = _choice(cfg, "trainer", "on_save_error", ("stop", "continue"))
+        self.async_save = _choice(cfg, "trainer", "async_save", ("auto", True, False))   # auto: the backend's default
+        self.precision = t["precision"]
+        self.remat, self.precompile = _bool(cfg, "trainer", "remat"), _bool(cfg, "trainer", "precompile")
+        self.resume = _bool({"trainer": {"resume": t.get("resume", True)}}, "trainer", "resume")
+        for key in ("compile", "distributed"):
+            if key in cfg["hal"] and not (isinstance(cfg["hal"][key], bool) or cfg["hal"][key] == "auto"):
+                raise UserError(f"hal.{key} must be true or false, got {cfg['hal'][key]!r}")
+        self.strict_resume = _bool(cfg, "trainer", "strict_resume")
+        self.fresh_if_damaged = _bool(cfg, "trainer", "fresh_if_damaged")
+        self.allow_setting_changes = _bool(cfg, "trainer", "allow_setting_changes")
+        self.init_weights_only = _bool(cfg, "trainer", "init_weights_only")
+        self.tokens_per_step = self.global_batch * self.seq_len
         self.seed = cfg.get("seed", 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -110,13 +133,17 @@ class Run:
         if self.init_from and not self.init_hf:
             self.init_ckpt = checkpoint.resolve(self.init_from)
 
+    def settings(self) -> dict:
+        """What a resumed run must keep (trainer.allow_setting_changes=true lets it change them)."""
+        return {"checkpoint_dir": self.cfg["trainer"].get("checkpoint_dir"), "seed": self.seed, "data.path": self.cfg["data"]["path"]}
+
     def lr(self, count: int) -> float:
         return learning_rate(count, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.steps,
                              min_lr_ratio=self.min_lr_ratio, schedule=self.cfg["optim"]["schedule"])
 
     @property
     def ckpt_root(self):
-        """run_dir/checkpoints, or trainer.checkpoint_dir: a directory or an s3:// / gs:// prefix (a RemotePath)."""
+        """run_dir/checkpoints, or trainer.checkpoint_dir: a trainer.storage.Location (a directory or a prefix)."""
         return self._ckpt_root
 
     def check_run_dir(self) -> None:
@@ -137,7 +164,7 @@ class Run:
         ours = self.model.to_dict()
         diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
         if diff:
-            raise UserError(f"checkpoint {ckpt} was written for another model ({'; '.join(diff[:3])}); "
+            raise WrongModelError(f"checkpoint {ckpt} was written for another model ({'; '.join(diff[:3])}); "
                             f"use the model config it was trained with, or a new run")
 
 
@@ -181,243 +208,278 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size,
                      cfg["data"].get("eval_fraction", 0.05))
     t = cfg["trainer"]
-    # Check the starting checkpoint before building the backend: a wrong model fails before any compute.
-    candidates = checkpoint.list_steps(run.ckpt_root)[::-1] if t.get("resume", True) else []
-    if candidates:
-        newest = _manifest_or_none(run.ckpt_root / str(candidates[0]))
-        if newest is not None:      # unreadable: the resume below falls back past it
-            run.check_model(run.ckpt_root / str(candidates[0]), newest)
-    elif run.init_hf:       # fine-tuning from a Hugging Face directory: its config must be the run's model
-        run.check_model(run.init_from, {"model": hf.read_hf_config(run.init_from)[0].to_dict()})
-    elif run.init_from:
-        run.check_model(run.init_ckpt, checkpoint.read_manifest(run.init_ckpt))
-
-    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], bool(t.get("remat", False)))
+    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat)
     backend.check_batch(run.micro_batch)
     lead = backend.process_index == 0
     if not lead:
         log.setLevel(logging.WARNING)     # one process reports; all of them train
-    lock = RunLock(run.run_dir).acquire() if lead and not t.get("precompile", False) else None
+    if run.precompile:
+        start_step, _ = _start_state(run, backend, None)
+        return _precompile(backend, data, run, start_step)
+    lock = RunLock(run.run_dir).acquire() if lead else None      # before anything is listed or read
     try:
-        return _train(cfg, run, data, backend, candidates, config_yaml)
+        ckpt = Checkpointer(run.ckpt_root, run.run_dir, _run_id(run, lead, backend.describe()), backend, keep=run.keep,
+                            async_save=backend.async_save_default if run.async_save == "auto" else run.async_save,
+                            on_save_error=run.on_save_error, config_yaml=config_yaml).acquire()
+        try:
+            start_step, source = _start_state(run, backend, ckpt)
+            return _train(run, data, backend, ckpt, start_step, source)
+        finally:
+            ckpt.release()
     finally:
         if lock:
             lock.release()
 
 
-def _manifest_or_none(ckpt: Path) -> dict | None:
-    try:
-        return checkpoint.read_manifest(ckpt)
-    except UserError:
-        return None        # damaged: the resume below falls back to an older checkpoint
-
-
-def _restore(run: Run, backend, candidates: list[int], strict: bool) -> tuple[int, str]:
-    """Load the newest good checkpoint of the run dir; warn and fall back past damaged ones."""
-    for step in candidates:
-        ckpt = run.ckpt_root / str(step)
-        try:
-            manifest = checkpoint.load(ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
-            run.check_model(ckpt, manifest)
-            return manifest["step"], _describe_source(ckpt, manifest)
-        except UserError as e:
-            if strict or "another model" in str(e):   # a wrong model is the user's to fix, not damage
-                raise
-            log.warning("%s — falling back to the previous checkpoint", e)
-        except Exception as e:   # unreadable tensors: truncated, missing or corrupt files
-            if strict:
-                raise UserError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-            log.warning("checkpoint %s cannot be read (%s) — falling back to the previous checkpoint",
-                        ckpt, type(e).__name__)
-    return -1, ""
-
-
-def _describe_source(ckpt: Path, manifest: dict) -> str:
-    w = manifest["writer"]
-    return f"{ckpt} (step {manifest['step']}, written by {w['framework']} on {w['platform']}, mesh {w.get('mesh')})"
-
-
-def _train(cfg: dict, run: Run, data: TokenData, backend, candidates: list[int], config_yaml: str) -> dict:
-    t = cfg["trainer"]
-    lead = backend.process_index == 0
-    info = backend.describe()
-    start_step, source = -1, "reference init"
-    if candidates:
-        start_step, source = _restore(run, backend, candidates, bool(t.get("strict_resume", False)))
-        if start_step < 0:
-            log.warning("no readable checkpoint in %s: starting from the reference init", run.ckpt_root)
-    elif run.init_hf:       # weights only: fresh optimizer state, step 0
-        backend.set_state(HostState.fresh(hf.read_hf_dir(run.init_from)[1]))
-        start_step, source = 0, f"Hugging Face directory {run.init_from} (weights only)"
-    elif run.init_from:
-        manifest = checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
-        start_step, source = manifest["step"], _describe_source(run.init_ckpt, manifest)
-        if t.get("init_weights_only", False):
-            start_step = 0
-            backend.set_state(HostState.fresh(backend.get_state().params))
-    if start_step < 0:
-        start_step = 0
-        backend.set_state(HostState.fresh(reference_init(run.model, run.seed)))
-
-    if t.get("precompile", False):
-        return _precompile(backend, data, run, start_step)
-
-    metrics_path = run.run_dir / "metrics.jsonl"
+def _run_id(run: Run, lead: bool, info: dict) -> str:
+    """This run's identity (run.json), made on its first start. A run dir that holds checkpoints resumes
+    only with the settings it was started with (checkpoint_dir, seed, data.path) unless
+    trainer.allow_setting_changes=true."""
+    marker = run.run_dir / RUN_MARKER
+    record = _read_record(marker)
+    settings = run.settings()
+    if record.get("run_id") and record.get("settings") not in (None, settings) and not run.allow_setting_changes:
+        if _has_checkpoints(run):
+            theirs = record["settings"]
+            changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in settings.items() if theirs.get(k) != v]
+            raise UserError(f"run dir {run.run_dir} was started with other settings ({'; '.join(changed)}); "
+                            f"use its own, a new run_dir, or trainer.allow_setting_changes=true")
+    record.setdefault("run_id", uuid.uuid4().hex)
+    record.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    record.setdefault("first_writer", info)
+    record.update(model=run.model.to_dict(), settings=settings)
     if lead:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        marker = run.run_dir / RUN_MARKER
-        if not marker.exists():
-            marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                          "model": run.model.to_dict(), "first_writer": info}, indent=1))
-        _metrics_upto(metrics_path, start_step)
-    tokens_per_step = run.global_batch * run.seq_len
+        _write_json(marker, record)
+    return record["run_id"]
+
+
+def _read_record(marker: Path) -> dict:
+    try:
+        record = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise UserError(f"{marker} is not JSON: restore it, or choose a new run_dir") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {marker}: {e.strerror}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{marker} is not a trichip run record: restore it, or choose a new run_dir")
+    return record
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _has_checkpoints(run: Run) -> bool:
+    complete, unfinished = checkpoint.scan(run.ckpt_root)
+    return bool(complete or (unfinished and not run.ckpt_root.is_remote))
+
+
+def _start_state(run: Run, backend, ckpt: Checkpointer | None) -> tuple[int, str]:
+    """Place the state the run starts from; (its step, where it came from). The run dir's checkpoints come
+    first (through the Checkpointer, which holds the locks), then trainer.init_from, then the reference init."""
+    if ckpt is not None and ckpt.candidates():
+        if not run.resume:
+            raise UserError(f"{run.ckpt_root} already holds checkpoints and trainer.resume=false: choose a new "
+                            f"run_dir (or trainer.checkpoint_dir), or resume")
+        step, manifest, where = ckpt.restore(run.check_model, run.strict_resume, run.fresh_if_damaged)
+        if manifest is not None:
+            return step, _describe_source(where, manifest)
+    elif run.init_hf:       # weights only: fresh optimizer state, step 0
+        run.check_model(run.init_from, {"model": hf.read_hf_config(run.init_from)[0].to_dict()})
+        backend.set_state(HostState.fresh(hf.read_hf_dir(run.init_from)[1]))
+        return 0, f"Hugging Face directory {run.init_from} (weights only)"
+    elif run.init_from:
+        manifest = checkpoint.read_manifest(run.init_ckpt)
+        run.check_model(run.init_ckpt, manifest)
+        checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
+        if run.init_weights_only:
+            backend.set_state(HostState.fresh(backend.get_state().params))
+            return 0, _describe_source(run.init_ckpt, manifest) + " (weights only)"
+        return manifest["step"], _describe_source(run.init_ckpt, manifest)
+    backend.set_state(HostState.fresh(reference_init(run.model, run.seed)))
+    return 0, "reference init"
+
+
+def _describe_source(ckpt, manifest: dict) -> str:
+    w = manifest.get("writer") or {}
+    return (f"{ckpt} (step {manifest['step']}, written by {w.get('framework', '?')} on {w.get('platform', '?')}, "
+            f"mesh {w.get('mesh')})")
+
+
+def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: int, source: str) -> dict:
+    info = backend.describe()
+    report = Report(run, backend, info, start_step)
     log.info("%s on %s: %d device(s) in %d process(es), mesh %s (%s)", info["framework"], info["platform"],
              info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
     log.info("%s params, %d steps of %d tokens; start at step %d from %s",
-             f"{num_params(run.model):,}", run.steps, tokens_per_step, start_step, source)
+             f"{num_params(run.model):,}", run.steps, run.tokens_per_step, start_step, source)
     log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
-
     meta = {"model": run.model.to_dict(), "writer": info,
-            "data": {"path": cfg["data"]["path"], "seed": run.seed, "next_step": None},
-            "rng": {"seed": run.seed}}
-    on_nonfinite, on_save_error = t.get("on_nonfinite", "stop"), t.get("on_save_error", "stop")
-
-    pending: checkpoint.PendingSave | None = None
-    async_save = backend.async_save_default if run.async_save == "auto" else run.async_save
-
-    def failed(step: int, e: Exception) -> None:
-        if lead:
-            checkpoint.prune(run.ckpt_root, run.keep)   # removes the half-written temp dir
-        good = checkpoint.list_steps(run.ckpt_root, best_effort=True)
-        reason = _io_reason(e)
-        msg = (f"checkpoint at step {step} failed ({reason}); earlier checkpoints are intact "
-               f"(latest: {good[-1] if good else 'none'})")
-        if on_save_error == "continue":
-            log.error("%s; training goes on (trainer.on_save_error=continue)", msg)
-            return
-        raise CheckpointSaveError(msg + "; free space or set trainer.on_save_error=continue") from None
-
-    def commit() -> None:
-        """Finish the pending save (every process at the same step): manifest, rename, prune."""
-        nonlocal pending
-        p, pending = pending, None
-        try:
-            path = p.finish()
-        except (OSError, ValueError, RuntimeError) as e:   # orbax/tensorstore report I/O errors as ValueError
-            return failed(p.step, e)
-        if lead:
-            checkpoint.prune(run.ckpt_root, run.keep)
-        log.info("checkpoint %s", path)
-
-    def save(done: int, wait: bool = False) -> None:
-        nonlocal pending
-        if pending is not None:
-            commit()
-        try:
-            pending = checkpoint.PendingSave(run.ckpt_root, done, backend,
-                                             dict(meta, data=dict(meta["data"], next_step=done)), config_yaml,
-                                             staging=run.run_dir / STAGING, background=async_save and not wait)
-        except (OSError, ValueError, RuntimeError) as e:
-            return failed(done, e)
-        if wait or not async_save:
-            commit()
-
-    bar = _progress(run.steps, start_step) if lead else None
-    scalars = Scalars(run.run_dir, enabled=lead and t.get("tensorboard", True))
-    peak = peak_flops(info.get("device_kind", ""), t["precision"], t.get("peak_tflops"))
-    model_flops_per_token = flops_per_token(run.model, run.seq_len)
-    last, saved_at, preempted = {}, start_step, ""
-    with (open(metrics_path, "a") if lead else open(os.devnull, "w")) as metrics_file, \
-            _redirect_logging(bar), StopRequest() as stop, _keep_pending(lambda: pending, backend):
+            "data": {"path": run.cfg["data"]["path"], "seed": run.seed, "next_step": None}, "rng": {"seed": run.seed}}
+    saved_at, preempted = start_step, ""
+    with report, StopRequest() as stop, _keep_pending(ckpt):
         for step in range(start_step, run.steps):
-            t0 = time.perf_counter()
-            tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
-            lr = run.lr(step)
-            m = backend.train_step(tokens, lr)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
-                    "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
-            if peak:
-                last["mfu"] = model_flops_per_token * last["tokens_per_s"] / (peak * info["device_count"])
-            if m.skipped:
-                last["skipped"] = True
-            if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
-                last["eval_loss"] = evaluate(backend, data, run)
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            scalars.add(done, last)
-            if m.skipped:
-                if on_nonfinite == "stop":
-                    if pending is not None:      # a good step's checkpoint still being written: keep it
-                        commit()
-                    raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
-                                         f"{done}; the update was not applied and the last good checkpoint is kept "
-                                         f"(set trainer.on_nonfinite=skip to skip such steps)")
-                log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped", done, m.loss,
-                            m.grad_norm)
-            if done % run.log_every == 0 or done == run.steps or "eval_loss" in last:
-                line = (f"step {done}/{run.steps} | loss {m.loss:.4f} | lr {lr:.3g} | grad_norm {m.grad_norm:.3f}"
-                        f" | {last['tokens_per_s']:,.0f} tok/s")
-                if "mfu" in last:
-                    line += f" | MFU {100 * last['mfu']:.1f}%"
-                if "eval_loss" in last:
-                    line += f" | eval_loss {last['eval_loss']:.4f}"
-                log.info(line)
-            if bar:
-                extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
-                bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
-                bar.update(1)
+            done, m = _one_step(run, data, backend, report, step)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
-                save(done, wait=done == run.steps)
+                ckpt.save(done, _cursor(meta, done), wait=done == run.steps)
                 saved_at = done
-            stop_now, written = _agree_step(backend, stop.signum is not None, pending is None or pending.done())
-            if pending is not None and written:
-                commit()
+            stop_now, written = _agree_step(backend, stop.signum is not None, ckpt.ready())
+            if written:
+                ckpt.commit()
             if stop_now:
                 if saved_at != done:
-                    save(done, wait=True)
-                elif pending is not None:
-                    commit()
+                    ckpt.save(done, _cursor(meta, done), wait=True)
                 preempted = stop.name or "a signal on another process"
                 log.info("stopped by %s at step %d: checkpoint written; run the same command to resume",
                          preempted, done)
                 break
-        if pending is not None:
-            commit()
-    if bar:
-        bar.close()
-    scalars.close()
+        ckpt.close()
+    return _finish(run, backend, ckpt, report, start_step, preempted)
+
+
+def _cursor(meta: dict, done: int) -> dict:
+    return dict(meta, data=dict(meta["data"], next_step=done))
+
+
+def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
+    """Train step `step` (0-based), evaluate when due, report; stop on a non-finite loss when asked to."""
+    t0 = time.perf_counter()
+    tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
+    lr = run.lr(step)
+    m = backend.train_step(tokens, lr)
+    dt = time.perf_counter() - t0
+    done = step + 1
+    eval_loss = None
+    if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
+        eval_loss = evaluate(backend, data, run)
+    report.step(done, m, lr, dt, eval_loss)
+    if m.skipped:
+        if run.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
+                                 f"{done}; the update was not applied and the last good checkpoint is kept "
+                                 f"(set trainer.on_nonfinite=skip to skip such steps)")
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped", done, m.loss,
+                    m.grad_norm)
+    return done, m
+
+
+def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step: int, preempted: str) -> dict:
+    """The run's summary; run.json records what it wrote, and a run that wrote no checkpoint says so loudly."""
     compilations = backend.compilations()
     if compilations:
         log.info("compilations: %s", compilations)
-    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": last, "compilations": compilations,
-            "preempted": preempted}
+    saved = ckpt.summary()
+    if ckpt.failures:
+        log.error("%d checkpoint save(s) failed in this run; the newest checkpoint to resume from is %s",
+                  len(ckpt.failures), saved["latest_checkpoint"] if saved["latest_checkpoint"] is not None
+                  else "none: this run wrote no checkpoint")
+    if ckpt.lead:
+        marker = run.run_dir / RUN_MARKER
+        _write_json(marker, dict(_read_record(marker), last_run=saved))
+    return {"run_dir": str(run.run_dir), "start_step": start_step, "last": report.last,
+            "compilations": compilations, "preempted": preempted, **saved}
 
 
-def _io_reason(e: Exception) -> str:
-    """The OS error behind a failed write, also when tensorstore reports it inside a ValueError."""
-    if getattr(e, "strerror", None):
-        return e.strerror
-    code = re.search(r"os_error_code='(\d+)'", str(e))
-    return os.strerror(int(code.group(1))) if code else (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+class Report:
+    """What a person watching the run sees: metrics.jsonl (one JSON object a step; non-finite values are
+    null), the log line every log_every steps, TensorBoard scalars and the progress bar. Process 0 only."""
+
+    def __init__(self, run: Run, backend, info: dict, start_step: int):
+        self.run, self.lead, self.last = run, backend.process_index == 0, {}
+        self.path = run.run_dir / "metrics.jsonl"
+        self.peak = peak_flops(info.get("device_kind", ""), run.precision, run.cfg["trainer"].get("peak_tflops"))
+        self.devices = info["device_count"]
+        self.flops_per_token = flops_per_token(run.model, run.seq_len)
+        self.file, self.bar, self.scalars, self._redirect = None, None, None, contextlib.nullcontext()
+        if self.lead:
+            _metrics_upto(self.path, start_step)
+            self.bar = _progress(run.steps, start_step)
+            self._redirect = _redirect_logging(self.bar)
+
+    def __enter__(self) -> "Report":
+        if self.lead:
+            try:
+                self.file = open(self.path, "a")
+            except OSError as e:
+                raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
+            self.scalars = Scalars(self.run.run_dir, enabled=bool(self.run.cfg["trainer"].get("tensorboard", True)))
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._redirect.__exit__(*exc)
+        if self.bar:
+            self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.scalars:
+            self.scalars.close()
+
+    def step(self, done: int, m, lr: float, dt: float, eval_loss: float | None) -> None:
+        last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
+                "tokens_per_s": self.run.tokens_per_step / dt, "step_time_s": dt}
+        if self.peak:
+            last["mfu"] = self.flops_per_token * last["tokens_per_s"] / (self.peak * self.devices)
+        if m.skipped:
+            last["skipped"] = True
+        if eval_loss is not None:
+            last["eval_loss"] = eval_loss
+        self.last = last
+        if not self.lead:
+            return
+        try:
+            self.file.write(json.dumps({k: _json_number(v) for k, v in last.items()}) + "\n")
+            self.file.flush()
+            self.scalars.add(done, last)
+        except OSError as e:
+            raise StorageError(f"cannot write the metrics of step {done} to {self.run.run_dir}: "
+                               f"{e.strerror or first_line(e)}") from None
+        self._log_line(done, m, lr, last)
+
+    def _log_line(self, done: int, m, lr: float, last: dict) -> None:
+        if done % self.run.log_every == 0 or done == self.run.steps or "eval_loss" in last:
+            line = (f"step {done}/{self.run.steps} | loss {m.loss:.4f} | lr {lr:.3g} | grad_norm {m.grad_norm:.3f}"
+                    f" | {last['tokens_per_s']:,.0f} tok/s")
+            if "mfu" in last:
+                line += f" | MFU {100 * last['mfu']:.1f}%"
+            if "eval_loss" in last:
+                line += f" | eval_loss {last['eval_loss']:.4f}"
+            log.info(line)
+        if self.bar:
+            extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
+            self.bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
+            self.bar.update(1)
+
+
+def _json_number(value):
+    """NaN and infinities as null: metrics.jsonl stays valid JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @contextlib.contextmanager
-def _keep_pending(get_pending, backend):
-    """On an error that ends training (data, eval, out of memory...), a checkpoint still being written in
-    the background is committed first, as a blocking save would have been. One process only: with
-    several, the others may not reach the collectives a commit needs; the .tmp is then removed later."""
+def _keep_pending(ckpt: Checkpointer):
+    """On an error that ends training (data, eval, out of memory, a non-finite loss...), a checkpoint still
+    being written in the background is committed first, as a blocking save would have been. One process
+    only: with several, the others may not reach the collectives a commit needs; the .tmp is then removed
+    by the next run's pruning."""
     try:
         yield
-    except Exception:
-        pending = get_pending()
-        if pending is not None and backend.process_count == 1:
+    except BaseException as error:
+        if ckpt.pending is not None and (ckpt.backend.process_count == 1 or isinstance(error, NonFiniteError)):
             try:
-                log.info("checkpoint %s (committed before stopping on the error below)", pending.finish())
+                ckpt.commit()
             except Exception as e:    # noqa: BLE001  (the original error is the one to report)
-                log.warning("the checkpoint at step %d being written could not be committed: %s", pending.step, e)
+                log.warning("the checkpoint being written could not be committed: %s", first_line(e))
         raise
 
 

@@ -1,4 +1,5 @@
-"""Run safety: one run per run directory (a lock a crash cannot leave stuck) and preemption signals.
+"""Run safety: one run per run directory and checkpoint location (a lock a crash cannot leave stuck) and
+preemption signals.
 
 SIGTERM / SIGINT (the preemption notice of TPU VMs, spot instances, SLURM) ask the loop to stop: it
 finishes the current step, writes a checkpoint and exits 0. A second signal exits at once; checkpoints
@@ -14,22 +15,38 @@ import socket
 import time
 from pathlib import Path
 
-from hal.base import UserError
+from hal.base import StorageError, UserError
 
 LOCK_FILE = ".lock"
 
 
 class RunLock:
-    """An flock on run_dir/.lock, held for the life of the process. The kernel drops it when the process
-    dies, however it dies, so a crashed run never blocks the next one."""
+    """An flock on <dir>/.lock, held for the life of the process. The kernel drops it when the process
+    dies, however it dies, so a crashed run never blocks the next one. Re-entrant within a process: the
+    launcher takes the run dir's lock before Hydra writes into it, and the run takes it again."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.fd = None
+    _held: dict[Path, list] = {}           # resolved path -> [fd, holders] of this process
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_FILE
+        self.key = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"{self.path.parent} is a file; choose a directory") from None
+        except OSError as e:
+            raise StorageError(f"cannot create {self.path.parent}: {e.strerror}") from None
+        key = self.path.resolve()
+        if key in self._held:
+            self._held[key][1] += 1
+            self.key = key
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot lock {self.path.parent}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -38,20 +55,26 @@ class RunLock:
             except ValueError:
                 holder = {}
             os.close(fd)
-            raise UserError(f"run dir {self.path.parent} is in use by another run (pid {holder.get('pid', '?')} "
+            raise UserError(f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} "
                             f"on {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to end "
                             f"or choose another run_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
-        self.fd = fd
+        self._held[key] = [fd, 1]
+        self.key = key
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        if self.key is None:
+            return
+        entry = self._held[self.key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+            del self._held[self.key]
+        self.key = None
 
 
 class StopRequest:

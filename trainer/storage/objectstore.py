@@ -1,9 +1,12 @@
-"""Object stores for checkpoints: s3:// (boto3) and gs:// (google-cloud-storage), each imported lazily.
+"""Object-store clients: s3:// (boto3) and gs:// (google-cloud-storage), each imported lazily.
 
-A checkpoint on a store is the same tree of files as on disk, one object per file, under
-<prefix>/<step>/. Objects appear one at a time, so a store has no atomic rename: instead a checkpoint is
-complete iff its manifest.json exists — it is uploaded last and deleted first (trainer.checkpoint does
-that through `upload_dir(..., last=)` and `delete_prefix(..., first=)`).
+One bucket is a `Store` with a few operations (list, stat, read, upload, download, delete, create-if-absent);
+trainer.storage.location builds directories and the checkpoint commit rule on top of them.
+
+Every call has a connect and a read timeout, and a call that fails for a reason that may pass (network, server
+errors, timeouts) is retried with exponential backoff a bounded number of times ($TRICHIP_STORE_ATTEMPTS, default
+4; $TRICHIP_STORE_TIMEOUT seconds per attempt, default 20), so an outage of a few seconds is ridden out and a dead
+endpoint fails within about attempts x timeout, never hangs.
 
 Credentials come from each SDK's usual places: boto3's AWS_* environment variables, ~/.aws/ files,
 instance roles (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL point it at an S3-compatible server); and
@@ -20,12 +23,23 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
-from hal.base import UserError
+from models.errors import StorageError, UserError, first_line
+
+log = logging.getLogger("trichip")
 
 SCHEMES = ("s3", "gs")
 _WORKERS = 8            # files transferred at once (each large one is also split into parts by the SDK)
+
+
+def _attempts() -> int:
+    return max(1, int(os.environ.get("TRICHIP_STORE_ATTEMPTS", "4")))
+
+
+def _timeout() -> float:
+    return float(os.environ.get("TRICHIP_STORE_TIMEOUT", "20"))
 
 
 class RemoteError(OSError):
@@ -36,63 +50,6 @@ class RemoteError(OSError):
         self.strerror = message
 
 
-def is_remote(path) -> bool:
-    """True for a RemotePath and for a string like s3://bucket/prefix or gs://bucket/prefix."""
-    if isinstance(path, RemotePath):
-        return True
-    return isinstance(path, str) and "://" in path and path.split("://", 1)[0] in SCHEMES
-
-
-class RemotePath:
-    """scheme://bucket/key as a path: `/` joins, .name, .parent and str() as for pathlib; no filesystem calls.
-    Its `store` is the (cached, checked) Store of its bucket."""
-
-    def __init__(self, url):
-        url = str(url)
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme not in SCHEMES:
-            raise UserError(f"{url} is not an object-store URL ({', '.join(s + '://' for s in SCHEMES)})")
-        bucket, _, key = rest.partition("/")
-        if not bucket:
-            raise UserError(f"{url} names no bucket ({scheme}://BUCKET/PREFIX)")
-        self.scheme, self.bucket = scheme, bucket
-        self.key = "/".join(p for p in key.split("/") if p)
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.bucket}" + (f"/{self.key}" if self.key else "")
-
-    def __truediv__(self, other) -> "RemotePath":
-        return RemotePath(f"{self.url}/{other}")
-
-    @property
-    def name(self) -> str:
-        return self.key.rsplit("/", 1)[-1] if self.key else ""
-
-    @property
-    def parent(self) -> "RemotePath":
-        return RemotePath(f"{self.scheme}://{self.bucket}/{self.key.rpartition('/')[0]}")
-
-    def __str__(self) -> str:
-        return self.url
-
-    def __repr__(self) -> str:
-        return f"RemotePath({self.url!r})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, RemotePath) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-    @property
-    def store(self) -> "Store":
-        return open_store(self.scheme, self.bucket)
-
-    def join_key(self, rel: str) -> str:
-        return f"{self.key}/{rel}" if self.key else rel
-
-
 class Store(abc.ABC):
     """One bucket. Keys are object names; a "directory" is a key prefix ending in '/'."""
 
@@ -100,6 +57,10 @@ class Store(abc.ABC):
     bucket: str
 
     # -- what each service implements ------------------------------------------------------------
+    @abc.abstractmethod
+    def _error(self, e: BaseException, what: str, key: str = "") -> Exception:
+        """The exception to raise for a failed call: UserError for what the user fixes, else RemoteError."""
+
     @abc.abstractmethod
     def check(self) -> None:
         """Raise UserError unless the bucket exists and these credentials can list it."""
@@ -126,6 +87,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, keys: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write the object only if no object has that key (atomically, on the server); False if one had."""
+
+    def _call(self, what: str, key: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), retried with backoff while it fails for a reason that may pass."""
+        attempts = _attempts()
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                error = self._error(e, what, key)
+                if isinstance(error, UserError) or attempt == attempts - 1:
+                    raise error from None
+                log.warning("%s (attempt %d of %d; retrying)", error, attempt + 1, attempts)
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
     # -- built on those ----------------------------------------------------------------------------
     def url(self, key: str = "") -> str:
@@ -199,8 +177,7 @@ def _quiet(*loggers: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    return first_line(e)
 
 
 # -- S3 ---------------------------------------------------------------------------------------------
@@ -224,7 +201,8 @@ class S3Store(Store):
         self.bucket = bucket
         _quiet("botocore", "boto3", "s3transfer", "urllib3")
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5},
+        config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 2},
+                                        connect_timeout=min(10.0, _timeout()), read_timeout=_timeout(),
                                         max_pool_connections=2 * _WORKERS)
         try:
             self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
@@ -257,46 +235,47 @@ class S3Store(Store):
             return RemoteError(f"cannot reach {url}: {_first_line(cause)}")
         return RemoteError(f"{what} {url} failed: {_first_line(cause)}")
 
-    def _call(self, what: str, key: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            raise self._error(e, what, key) from None
-
     def check(self) -> None:
         self._call("check", "", self.client.head_bucket, Bucket=self.bucket)
 
-    def _pages(self, what: str, prefix: str, **kwargs):
+    def _list(self, prefix: str, **kwargs) -> list[dict]:
         paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            yield from paginator.paginate(Bucket=self.bucket, Prefix=prefix, **kwargs)
-        except Exception as e:
-            raise self._error(e, what, prefix) from None
+        return self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                            **kwargs)))
 
     def list_dirs(self, prefix: str) -> list[str]:
         p = f"{prefix}/" if prefix else ""
-        out = []
-        for page in self._pages("list", p, Delimiter="/"):
-            out += [c["Prefix"][len(p):].rstrip("/") for c in page.get("CommonPrefixes", [])]
-        return out
+        return [c["Prefix"][len(p):].rstrip("/") for page in self._list(p, Delimiter="/")
+                for c in page.get("CommonPrefixes", [])]
 
     def list_files(self, prefix: str) -> list[str]:
-        out = []
-        for page in self._pages("list", f"{prefix}/" if prefix else ""):
-            out += [o["Key"] for o in page.get("Contents", [])]
-        return out
+        return [o["Key"] for page in self._list(f"{prefix}/" if prefix else "") for o in page.get("Contents", [])]
 
     def exists(self, key: str) -> bool:
         import botocore.exceptions as bx
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except bx.ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise self._error(e, "stat", key) from None
-        except Exception as e:
-            raise self._error(e, "stat", key) from None
+
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+                return True
+            except bx.ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return False
+                raise
+        return self._call("stat", key, head)
+
+    def create(self, key: str, data: bytes) -> bool:
+        import botocore.exceptions as bx
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except bx.ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                    return False
+                raise
+        return self._call("create", key, put)
 
     def read_bytes(self, key: str) -> bytes:
         return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
@@ -367,21 +346,15 @@ class GCSStore(Store):
             return RemoteError(f"cannot reach {url}: {_first_line(e)}")
         return RemoteError(f"{what} {url} failed: {_first_line(e)}")
 
-    def _call(self, what: str, key: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            raise self._error(e, what, key) from None
-
     def check(self) -> None:
         # listing needs only object-level roles (storage.objects.list); getting the bucket needs more
-        self._call("check", "", lambda: list(self.client.list_blobs(self.bucket, max_results=1)))
+        self._call("check", "", lambda: list(self.client.list_blobs(self.bucket, max_results=1, timeout=_timeout())))
 
     def list_dirs(self, prefix: str) -> list[str]:
         p = f"{prefix}/" if prefix else ""
 
         def run():
-            it = self.client.list_blobs(self.bucket, prefix=p, delimiter="/")
+            it = self.client.list_blobs(self.bucket, prefix=p, delimiter="/", timeout=_timeout())
             for _ in it:      # the prefixes are filled in page by page
                 pass
             return sorted(it.prefixes)
@@ -389,26 +362,39 @@ class GCSStore(Store):
 
     def list_files(self, prefix: str) -> list[str]:
         p = f"{prefix}/" if prefix else ""
-        return self._call("list", p, lambda: [b.name for b in self.client.list_blobs(self.bucket, prefix=p)])
+        return self._call("list", p, lambda: [b.name for b in self.client.list_blobs(self.bucket, prefix=p,
+                                                                                 timeout=_timeout())])
 
     def exists(self, key: str) -> bool:
-        return self._call("stat", key, self.handle.blob(key).exists)
+        return self._call("stat", key, self.handle.blob(key).exists, timeout=_timeout())
 
     def read_bytes(self, key: str) -> bytes:
-        return self._call("read", key, self.handle.blob(key).download_as_bytes)
+        return self._call("read", key, self.handle.blob(key).download_as_bytes, timeout=_timeout())
 
     def upload_file(self, local: Path, key: str) -> None:
-        self._call("upload to", key, self.handle.blob(key).upload_from_filename, str(local))
+        self._call("upload to", key, self.handle.blob(key).upload_from_filename, str(local), timeout=_timeout())
 
     def download_file(self, key: str, local: Path) -> None:
-        self._call("download of", key, self.handle.blob(key).download_to_filename, str(local))
+        self._call("download of", key, self.handle.blob(key).download_to_filename, str(local),
+                   timeout=_timeout())
+
+    def create(self, key: str, data: bytes) -> bool:
+        from google.api_core import exceptions as gx
+
+        def put() -> bool:
+            try:
+                self.handle.blob(key).upload_from_string(data, if_generation_match=0, timeout=_timeout())
+                return True
+            except gx.PreconditionFailed:
+                return False
+        return self._call("create", key, put)
 
     def delete(self, keys: list[str]) -> None:
         from google.api_core import exceptions as gx
 
         def one(key):
             try:
-                self.handle.blob(key).delete()
+                self.handle.blob(key).delete(timeout=_timeout())
             except gx.NotFound:
                 pass          # already gone
         for key in keys:
@@ -428,8 +414,8 @@ def open_store(scheme: str, bucket: str) -> Store:
             store = _STORES[scheme](bucket)
             try:
                 store.check()
-            except RemoteError as e:      # the endpoint is unreachable, or answers nonsense: fix the setup
-                raise UserError(str(e)) from None
+            except RemoteError as e:      # unreachable after the retries: nothing read, nothing changed
+                raise StorageError(str(e)) from None
             _open[(scheme, bucket)] = store
         return store
 
