@@ -71,12 +71,12 @@ def s3(tmp_path_factory):
             mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
             mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
             mp.setenv("AWS_CONFIG_FILE", str(empty))
-            from trainer import remote
-            remote.forget_stores()
+            from trainer import storage
+            storage.forget_stores()
             client = boto3.client("s3")
             client.create_bucket(Bucket=BUCKET)
             yield client
-            remote.forget_stores()
+            storage.forget_stores()
     finally:
         server.kill()
         server.wait()
@@ -269,8 +269,8 @@ def _fake_checkpoint(path: Path, step: int) -> Path:
 
 def _store_contract(url: str, tmp_path: Path, monkeypatch) -> None:
     """Upload (manifest last), list, resolve, fetch and prune (manifest first; abandoned uploads too)."""
-    from trainer import checkpoint, remote
-    root = remote.RemotePath(url)
+    from trainer import checkpoint, storage
+    root = storage.StoreDir(url)
     store = root.store
     order = []
     upload_file, delete = type(store).upload_file, type(store).delete
@@ -311,11 +311,11 @@ def gcs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-            from trainer import remote
-            remote.forget_stores()
+            from trainer import storage
+            storage.forget_stores()
             storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket("trichip-gcs")
             yield "trichip-gcs"
-            remote.forget_stores()
+            storage.forget_stores()
     finally:
         server.kill()
         server.wait()
