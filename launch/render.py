@@ -259,15 +259,13 @@ def override_key(override: str) -> str:
 def compose(overrides: list[str]):
     """The trichip config for these overrides, exactly as launch.train composes it; a bad override is
     a UsageError with launch.train's one-line message."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from launch.train import _one_line
+    from configs.schema import compose_config, explain
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
     try:
-        with initialize_config_module("configs", version_base="1.3"):
-            cfg = hydra_compose("train", overrides=list(overrides))
+        cfg = compose_config(overrides)
     except Exception as e:  # Hydra's composition and override errors have no common base class
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(explain(e)) from None
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:

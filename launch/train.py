@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from configs.schema import compose, explain, to_plain
 from hal import UserError
 
 EXIT_USER_ERROR = 2
@@ -23,32 +24,18 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     sys.exit(code)
 
 
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    if "Available options" in text:       # an unknown option of a config group (hal=..., model=...)
-        block = text.split("Available options", 1)[1].split("Config search path")[0]
-        first += f" (available: {', '.join(ln.strip() for ln in block.splitlines()[1:] if ln.strip())})"
-    if first.startswith("Could not override '"):   # a key that is not in the config
-        key = first.split("'")[1]
-        parent, _, leaf = key.rpartition(".")
-        first = f"unknown config key {key!r}"
-        known = _known_keys(parent)
-        if known:
-            first += f"; keys{' in ' + parent if parent else ''} are: {', '.join(known)}"
-    return first.replace("In 'train': ", "")
-
-
-def _known_keys(parent: str) -> list[str]:
-    from hydra import compose, initialize_config_module
+def config_error(overrides: list[str]) -> tuple[str | None, str]:
+    """(the one-line error of these overrides, or None; the run dir they name). Composition errors come
+    from the schema (configs/schema.py), ranges and auto-or-boolean keys from trainer.loop.check_config."""
+    from trainer.loop import check_config
     try:
-        with initialize_config_module("configs", version_base="1.3"):
-            node = compose("train")
-        for part in filter(None, parent.split(".")):
-            node = node[part]
-        return sorted(str(k) for k in node.keys())
-    except Exception:
-        return []
+        cfg = compose(overrides, resolve=True)
+        check_config({k: v for k, v in cfg.items() if k != "run_dir"})
+    except UserError as e:
+        return str(e), ""
+    except Exception as e:  # Hydra's composition and override errors have no common base class
+        return explain(e), ""
+    return None, cfg["run_dir"]
 
 
 def precheck(argv: list[str]) -> None:
@@ -57,14 +44,9 @@ def precheck(argv: list[str]) -> None:
     resolved config of the run that holds it)."""
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
         return  # sweeps and Hydra's own flags: Hydra reports those itself
-    from hydra import compose, initialize_config_module
-    overrides = [a for a in argv if not a.startswith("hydra")]
-    try:
-        with initialize_config_module("configs", version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-            run_dir = str(cfg.run_dir)
-    except Exception as e:  # Hydra's composition and override errors have no common base class
-        _fail(_one_line(e))
+    error, run_dir = config_error([a for a in argv if not a.startswith("hydra")])
+    if error:
+        _fail(error)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         _fail(f"run dir {run_dir} is a file; choose a directory (run_dir=...)")
     if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(run_dir):
@@ -106,9 +88,9 @@ def main(cfg: DictConfig) -> dict:
         if not isinstance(handler, logging.FileHandler):
             handler.addFilter(lambda record: not record.name.startswith(("absl", "orbax", "jax")))
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        plain = to_plain(cfg)
     except Exception as e:
-        key = getattr(e, "full_key", None) or _one_line(e)
+        key = getattr(e, "full_key", None) or explain(e)
         _fail(f"{key} has no value: set it on the command line ({key}=...)")
     try:
         return train(plain, HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))

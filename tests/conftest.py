@@ -22,11 +22,8 @@ def _cache(tmp_path_factory):
 
 def compose(overrides=()):
     """The run config exactly as `python -m launch.train OVERRIDES` would build it, as a plain dict."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from omegaconf import OmegaConf
-    with initialize_config_module("configs", version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides))
-    cfg = OmegaConf.to_container(cfg, resolve=False)
+    from configs.schema import compose as compose_run
+    cfg = compose_run(overrides)
     cfg.pop("run_dir", None)
     return cfg
 

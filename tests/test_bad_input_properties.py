@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hal import UserError
+from launch.train import config_error
 from tests.conftest import compose
 
 POSITIVE_INTS = ["trainer.global_batch", "trainer.seq_len", "trainer.log_every", "trainer.eval_batches",
@@ -50,11 +51,14 @@ def test_bad_overrides_are_one_line_errors(tmp_path_factory):
         key, value = case
         run_dir = tmp_path_factory.mktemp("bad") / "run"
         tried.append((key, value, framework))
-        cfg = compose([f"hal={framework}", f"{key}={_value(value)}"])
-        with pytest.raises(UserError) as e:
-            from trainer.loop import train
-            train(cfg, run_dir)
-        assert "\n" not in str(e.value) and str(e.value)
+        overrides = [f"hal={framework}", f"{key}={_value(value)}"]
+        message, _ = config_error(overrides)                 # the schema's and the ranges' checks, as the CLI
+        if message is None:
+            with pytest.raises(UserError) as e:
+                from trainer.loop import train
+                train(compose(overrides), run_dir)
+            message = str(e.value)
+        assert "\n" not in message and message
         assert not run_dir.exists()                          # nothing written
 
     bad_override_is_one_line_error()

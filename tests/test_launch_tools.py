@@ -278,9 +278,8 @@ def test_render_user_errors(argv, needle, capsys):
 # --- Slurm: the Hydra launcher preset ------------------------------------------------------------------------
 
 def _slurm_launcher(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_module
-    with initialize_config_module("configs", version_base="1.3"):
-        return hydra_compose("train", overrides=["hydra/launcher=slurm_gpu", *overrides], return_hydra_config=True)
+    from configs.schema import compose_config
+    return compose_config(["hydra/launcher=slurm_gpu", *overrides], return_hydra_config=True)
 
 
 def test_slurm_preset_composes_and_instantiates(tmp_path):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hal import (FRAMEWORKS, HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
+from hal import (HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
                  first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
 from models import hf
+from configs.schema import validate
 from trainer import checkpoint
 from trainer.checkpointer import REMOTE_CACHE, STAGING, Checkpointer
 from trainer.data import TokenData
@@ -36,106 +37,71 @@ log = logging.getLogger("trichip")
 RUN_MARKER = "run.json"
 
 
-def _positive_int(cfg: dict, section: str, key: str, allow_zero: bool = False) -> int:
-    value = cfg[section].get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise UserError(f"{section}.{key} must be {kind} integer, got {value!r}")
-    return value
+# Bounds the schema's types cannot say: (section, key) -> (lowest, highest or None).
+_RANGES = {("trainer", "steps"): (0, None), ("trainer", "global_batch"): (1, None), ("trainer", "seq_len"): (1, None),
+           ("trainer", "log_every"): (1, None), ("trainer", "eval_every"): (0, None),
+           ("trainer", "eval_batches"): (1, None), ("trainer", "checkpoint_every"): (0, None),
+           ("trainer", "keep_checkpoints"): (1, None), ("optim", "lr"): (0.0, 3.0e38),
+           ("optim", "warmup_steps"): (0, None), ("optim", "min_lr_ratio"): (0.0, 1.0), ("optim", "b1"): (0.0, 1.0),
+           ("optim", "b2"): (0.0, 1.0), ("optim", "eps"): (0.0, 1.0), ("optim", "weight_decay"): (0.0, 10.0),
+           ("optim", "max_grad_norm"): (1e-12, 1e12)}
+_AUTO_OR_BOOL = (("trainer", "async_save"), ("hal", "distributed"))
 
 
-def _bool(cfg: dict, section: str, key: str) -> bool:
-    value = cfg[section].get(key, False)
-    if not isinstance(value, bool):
-        raise UserError(f"{section}.{key} must be true or false, got {value!r}")
-    return value
-
-
-def _choice(cfg: dict, section: str, key: str, allowed: tuple) -> str:
-    value = cfg[section].get(key, allowed[0])
-    if value not in allowed:
-        raise UserError(f"{section}.{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    return value
-
-
-def _number(cfg: dict, section: str, key: str, lo: float, hi: float) -> float:
-    value = cfg[section].get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise UserError(f"{section}.{key} must be a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
+def check_config(cfg: dict) -> None:
+    """The schema (configs/schema.py: keys, types, enum members), then ranges and auto-or-boolean keys."""
+    validate(cfg)
+    for (section, key), (lo, hi) in _RANGES.items():
+        value = cfg[section][key]
+        if value < lo or (hi is not None and value > hi) or (isinstance(lo, int) and not isinstance(value, int)):
+            bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise UserError(f"{section}.{key} must be {'an integer' if isinstance(lo, int) else 'a number'} "
+                            f"{bounds}, got {value!r}")
+    for section, key in _AUTO_OR_BOOL:
+        if not (isinstance(cfg[section][key], bool) or cfg[section][key] == "auto"):
+            raise UserError(f"{section}.{key} must be auto, true or false, got {cfg[section][key]!r}")
+    if cfg["seed"] < 0:
+        raise UserError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
 
 
 class Run:
     """A validated run configuration (plain dict from Hydra) with everything derived from it."""
 
     def __init__(self, cfg: dict, run_dir: str | os.PathLike):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        for section in ("hal", "model", "data", "optim", "trainer"):
-            if not isinstance(cfg.get(section), dict):
-                raise UserError(f"config section {section!r} is missing")
-        if cfg["hal"].get("framework") not in FRAMEWORKS:
-            raise UserError(f"unknown hal framework {cfg['hal'].get('framework')!r}: use hal=jax or hal=torch")
+        check_config(cfg)
+        self.cfg, self.run_dir, t, o = cfg, Path(run_dir), cfg["trainer"], cfg["optim"]
         try:
             self.model = LlamaConfig.from_dict(cfg["model"])
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
-        t = cfg["trainer"]
-        self.steps = _positive_int(cfg, "trainer", "steps", allow_zero=True)
-        self.global_batch = _positive_int(cfg, "trainer", "global_batch")
-        self.micro_batch = t.get("micro_batch") or self.global_batch
-        _positive_int({"trainer": {"micro_batch": self.micro_batch}}, "trainer", "micro_batch")
-        if self.global_batch % self.micro_batch:
+        self.steps, self.global_batch, self.seq_len = t["steps"], t["global_batch"], t["seq_len"]
+        self.micro_batch = t["micro_batch"] or self.global_batch
+        if self.micro_batch < 1 or self.global_batch % self.micro_batch:
             raise UserError(f"trainer.global_batch ({self.global_batch}) must be a multiple of "
                             f"trainer.micro_batch ({self.micro_batch})")
         self.accum = self.global_batch // self.micro_batch
-        self.seq_len = _positive_int(cfg, "trainer", "seq_len")
         if self.seq_len > self.model.max_position_embeddings:
             raise UserError(f"trainer.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
                             f"({self.model.max_position_embeddings})")
-        self.log_every = _positive_int(cfg, "trainer", "log_every")
-        self.eval_every = _positive_int(cfg, "trainer", "eval_every", allow_zero=True)
-        self.eval_batches = _positive_int(cfg, "trainer", "eval_batches")
-        self.checkpoint_every = _positive_int(cfg, "trainer", "checkpoint_every", allow_zero=True)
-        self.keep = _positive_int(cfg, "trainer", "keep_checkpoints")
-        if t.get("precision") not in ("fp32", "bf16"):
-            raise UserError(f"trainer.precision must be fp32 or bf16, got {t.get('precision')!r}")
-        o = cfg["optim"]
-        self.peak_lr = _number(cfg, "optim", "lr", 0.0, 3.0e38)
-        self.warmup = _positive_int(cfg, "optim", "warmup_steps", allow_zero=True)
-        self.min_lr_ratio = _number(cfg, "optim", "min_lr_ratio", 0.0, 1.0)
-        if o.get("schedule") not in ("cosine", "linear", "constant"):
-            raise UserError(f"optim.schedule must be cosine, linear or constant, got {o.get('schedule')!r}")
-        self.optim = OptimizerSpec(b1=_number(cfg, "optim", "b1", 0.0, 1.0), b2=_number(cfg, "optim", "b2", 0.0, 1.0),
-                                   eps=_number(cfg, "optim", "eps", 0.0, 1.0),
-                                   weight_decay=_number(cfg, "optim", "weight_decay", 0.0, 10.0),
-                                   max_grad_norm=_number(cfg, "optim", "max_grad_norm", 1e-12, 1e12))
-        self.on_nonfinite = _choice(cfg, "trainer", "on_nonfinite", ("stop", "skip"))
-        self.on_save_error = _choice(cfg, "trainer", "on_save_error", ("stop", "continue"))
-        self.async_save = _choice(cfg, "trainer", "async_save", ("auto", True, False))   # auto: the backend's default
-        self.precision = t["precision"]
-        self.remat, self.precompile = _bool(cfg, "trainer", "remat"), _bool(cfg, "trainer", "precompile")
-        self.resume = _bool({"trainer": {"resume": t.get("resume", True)}}, "trainer", "resume")
-        for key in ("compile", "distributed"):
-            if key in cfg["hal"] and not (isinstance(cfg["hal"][key], bool) or cfg["hal"][key] == "auto"):
-                raise UserError(f"hal.{key} must be true or false, got {cfg['hal'][key]!r}")
-        self.strict_resume = _bool(cfg, "trainer", "strict_resume")
-        self.fresh_if_damaged = _bool(cfg, "trainer", "fresh_if_damaged")
-        self.allow_setting_changes = _bool(cfg, "trainer", "allow_setting_changes")
-        self.init_weights_only = _bool(cfg, "trainer", "init_weights_only")
+        self.log_every, self.eval_every, self.eval_batches = t["log_every"], t["eval_every"], t["eval_batches"]
+        self.checkpoint_every, self.keep = t["checkpoint_every"], t["keep_checkpoints"]
+        self.peak_lr, self.warmup, self.min_lr_ratio = float(o["lr"]), o["warmup_steps"], float(o["min_lr_ratio"])
+        self.optim = OptimizerSpec(**{k: float(o[k]) for k in ("b1", "b2", "eps", "weight_decay", "max_grad_norm")})
+        for key in ("precision", "remat", "precompile", "resume", "strict_resume", "fresh_if_damaged",
+                    "allow_setting_changes", "init_weights_only", "on_nonfinite", "on_save_error", "async_save"):
+            setattr(self, key, t[key])          # async_save auto: the backend's default
         self.tokens_per_step = self.global_batch * self.seq_len
-        self.seed = cfg.get("seed", 0)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = cfg["seed"]
         self.check_run_dir()
-        self._ckpt_root = checkpoint.checkpoint_root(t.get("checkpoint_dir"), self.run_dir)
-        self.init_from = t.get("init_from")
+        self._ckpt_root = checkpoint.checkpoint_root(t["checkpoint_dir"], self.run_dir)
+        self.init_from = t["init_from"]
         self.init_hf = bool(self.init_from) and "://" not in str(self.init_from) and hf.is_hf_dir(self.init_from)
         if self.init_from and not self.init_hf:
             self.init_ckpt = checkpoint.resolve(self.init_from)
 
     def settings(self) -> dict:
         """What a resumed run must keep (trainer.allow_setting_changes=true lets it change them)."""
-        return {"checkpoint_dir": self.cfg["trainer"].get("checkpoint_dir"), "seed": self.seed, "data.path": self.cfg["data"]["path"]}
+        return {"checkpoint_dir": self.cfg["trainer"]["checkpoint_dir"], "seed": self.seed, "data.path": self.cfg["data"]["path"]}
 
     def lr(self, count: int) -> float:
         return learning_rate(count, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.steps,
@@ -205,8 +171,7 @@ def _redirect_logging(bar):
 def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     """Run (or resume) training; returns a summary. Raises UserError for anything the user must change."""
     run = Run(cfg, run_dir)
-    data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size,
-                     cfg["data"].get("eval_fraction", 0.05))
+    data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size, cfg["data"]["eval_fraction"])
     t = cfg["trainer"]
     backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat)
     backend.check_batch(run.micro_batch)
@@ -395,7 +360,7 @@ class Report:
     def __init__(self, run: Run, backend, info: dict, start_step: int):
         self.run, self.lead, self.last = run, backend.process_index == 0, {}
         self.path = run.run_dir / "metrics.jsonl"
-        self.peak = peak_flops(info.get("device_kind", ""), run.precision, run.cfg["trainer"].get("peak_tflops"))
+        self.peak = peak_flops(info.get("device_kind", ""), run.precision, run.cfg["trainer"]["peak_tflops"])
         self.devices = info["device_count"]
         self.flops_per_token = flops_per_token(run.model, run.seq_len)
         self.file, self.bar, self.scalars, self._redirect = None, None, None, contextlib.nullcontext()
@@ -410,7 +375,7 @@ class Report:
                 self.file = open(self.path, "a")
             except OSError as e:
                 raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
-            self.scalars = Scalars(self.run.run_dir, enabled=bool(self.run.cfg["trainer"].get("tensorboard", True)))
+            self.scalars = Scalars(self.run.run_dir, enabled=self.run.cfg["trainer"]["tensorboard"])
         self._redirect.__enter__()
         return self
 

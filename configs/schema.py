@@ -1,0 +1,208 @@
+"""The run configuration's schema: Hydra structured configs (dataclasses in Hydra's ConfigStore).
+
+train.yaml starts its defaults list with `schema`, so every group option (hal/, model/, data/, optim/) and every
+command-line override is merged into these typed nodes: an unknown key, a value of the wrong type or a name
+that is not a member of its enum fails at composition with Hydra's own message. The defaults of every key live
+here, once; what is left to check in code (trainer.loop.Run) is ranges and how keys relate to each other.
+
+`compose(overrides)` builds the config exactly as `python -m launch.train OVERRIDES` does.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from models.errors import UserError, first_line
+
+
+def _choices(name: str, *values: str) -> type[enum.Enum]:
+    """An enum whose member names are the values a user types (OmegaConf matches by name)."""
+    return enum.Enum(name, {v: v for v in values})
+
+
+Framework = _choices("Framework", "jax", "torch")
+Platform = _choices("Platform", "auto", "cpu", "gpu", "tpu", "neuron")
+Attention = _choices("Attention", "auto", "xla", "cudnn")
+Precision = _choices("Precision", "fp32", "bf16")
+Schedule = _choices("Schedule", "cosine", "linear", "constant")
+OnNonFinite = _choices("OnNonFinite", "stop", "skip")
+OnSaveError = _choices("OnSaveError", "stop", "continue")
+
+
+@dataclass
+class NeuronConfig:
+    cache_dir: Optional[str] = None         # persistent compile cache; default $NEURON_COMPILE_CACHE_URL or ~/.cache/neuron
+    stochastic_rounding: bool = True        # only where the weights themselves are bf16
+
+
+@dataclass
+class HalConfig:
+    framework: Framework = MISSING          # hal=jax | hal=torch | hal=trainium picks it
+    platform: Platform = Platform.auto
+    # Mesh axes (data, fsdp, tensor); -1 = the rest of the devices. null: the platform rule for
+    # instance_type (hal/mesh.py MESH_RULES), else data parallel over every device.
+    mesh: Optional[Dict[str, int]] = None
+    mesh_rule: str = "auto"                 # auto | none | an instance type whose rule to use
+    instance_type: Optional[str] = None     # default: $TRICHIP_INSTANCE_TYPE
+    distributed: Any = "auto"               # JAX: jax.distributed.initialize(): auto | true | false
+    attention: Attention = Attention.auto   # JAX: auto (cuDNN flash attention on GPUs in bf16) | xla | cudnn
+    compile_cache_dir: Optional[str] = None  # JAX: persistent XLA compilation cache
+    compile: bool = False                   # torch: torch.compile each transformer block
+    compile_backend: str = "inductor"       # torch: inductor | neuron (TorchNeuron)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    max_position_embeddings: int = MISSING
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    rope_scaling: Optional[Dict[str, Any]] = None
+    initializer_range: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING                     # builtin:python_docs, or a token file from launch.prepare_data
+    eval_fraction: float = 0.05             # the held-out tail of the data, never trained on
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay on 2-D weights only, global-norm clipping; same on every backend."""
+    lr: float = 3.0e-3
+    schedule: Schedule = Schedule.cosine    # after linear warmup
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300
+    global_batch: int = 16                  # sequences per optimizer update
+    micro_batch: Optional[int] = None       # sequences per forward/backward; null = global_batch (no accumulation)
+    seq_len: int = 128
+    precision: Precision = Precision.fp32   # bf16: bf16 compute, fp32 params and optimizer state
+    remat: bool = False                     # activation checkpointing
+    log_every: int = 10
+    eval_every: int = 100                   # 0 = never
+    eval_batches: int = 4
+    checkpoint_every: int = 100             # 0 = only at the end
+    keep_checkpoints: int = 3               # the newest good checkpoints of this run kept
+    # true: copy the state, write it while training goes on (committed a few steps later);
+    # auto: true, except torch on CPUs (its threads lose more to the writer than a save takes)
+    async_save: Any = "auto"
+    checkpoint_dir: Optional[str] = None    # null = run_dir/checkpoints; or a directory, s3://bucket/prefix, gs://...
+    resume: bool = True                     # continue from the run's checkpoints (false: refuse a run dir holding some)
+    init_from: Optional[str] = None         # a checkpoint, checkpoints/ or run dir (any framework), or an HF directory
+    init_weights_only: bool = False         # with init_from: take params only (fresh optimizer, step 0)
+    precompile: bool = False                # trial run: compile the train/eval steps (fills compile caches), save nothing
+    strict_resume: bool = False             # a damaged newest checkpoint: stop instead of resuming from an older one
+    fresh_if_damaged: bool = False          # every checkpoint damaged: start from the reference init instead of stopping
+    allow_setting_changes: bool = False     # resume a run dir with another checkpoint_dir, seed or data.path
+    on_nonfinite: OnNonFinite = OnNonFinite.stop    # NaN/inf loss or gradient: stop (exit 4) | skip the update
+    on_save_error: OnSaveError = OnSaveError.stop   # a checkpoint write fails: stop (exit 3) | continue training
+    tensorboard: bool = True                # event files in run_dir/tensorboard
+    peak_tflops: Optional[float] = None     # per-device peak for MFU; known GPUs/TPUs are detected, CPUs need it
+
+
+@dataclass
+class TrainConfig:
+    hal: HalConfig = field(default_factory=HalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    # The run directory: resolved config, metrics.jsonl, logs, checkpoints/<step>/. An existing run
+    # directory is resumed from its latest checkpoint (trainer.resume=false refuses one).
+    run_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent); importing configs does it."""
+    ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+def compose_config(overrides=(), return_hydra_config: bool = False):
+    """The run config exactly as `python -m launch.train OVERRIDES` builds it (a DictConfig). Raises Hydra's
+    errors for unknown keys, wrong types and bad group options (`explain` makes them one line)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    register()
+    with initialize_config_module("configs", version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def compose(overrides=(), resolve: bool = False) -> dict:
+    """compose_config as a plain dict (enums as their names)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(compose_config(overrides), resolve=resolve, enum_to_str=True)
+
+
+def explain(e: Exception) -> str:
+    """A Hydra composition error as one line: its cause, the options of a group, the keys of a section."""
+    text = str(e).strip()
+    first = first_line(e, 1000)
+    if first.startswith("Error merging override") and e.__cause__ is not None:
+        cause = e.__cause__
+        key = getattr(cause, "full_key", None)
+        first = f"{key}: {first_line(cause)}" if key else f"{first}: {first_line(cause)}"
+    if "Available options" in text:       # an unknown option of a config group (hal=..., model=...)
+        block = text.split("Available options", 1)[1].split("Config search path")[0]
+        first += f" (available: {', '.join(ln.strip() for ln in block.splitlines()[1:] if ln.strip())})"
+    if first.startswith("Could not override '"):   # a key that is not in the config
+        key = first.split("'")[1]
+        parent, _, leaf = key.rpartition(".")
+        first = f"unknown config key {key!r}"
+        known = _known_keys(parent)
+        if known:
+            first += f"; keys{' in ' + parent if parent else ''} are: {', '.join(known)}"
+    return first.replace("In 'train': ", "")
+
+
+def _known_keys(parent: str) -> list[str]:
+    try:
+        node = compose_config()
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        return sorted(str(k) for k in node.keys())
+    except Exception:
+        return []
+
+
+def validate(plain: dict) -> None:
+    """Check a plain config dict (however it was made) against the schema: unknown keys (also those added
+    with Hydra's `+`), wrong types and enum members fail with one line, as models.errors.UserError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise UserError(f"{key}: {first_line(e)}" if key else first_line(e)) from None
+
+
+def to_plain(cfg) -> dict:
+    """A composed DictConfig as a plain dict with every interpolation resolved (enums as their names)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+
+
+register()
