@@ -12,15 +12,18 @@ verified on 2 processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import math
 import os
+import re
 import sys
 import threading
 
 import numpy as np
 
+from models.errors import CheckpointDamaged, StorageError, first_line
 from models.spec import flatten, nest
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -62,8 +65,7 @@ def _words(values, group: bool):
     """(words, k): `values` as uint64 words. Where the last axis holds a multiple of k = 8 // itemsize elements,
     each word packs k neighbours along it (element j in bits [j*8*itemsize, ...): `group` only on a little-endian
     host CPU): a bitcast, no conversion. Otherwise one element per word (k = 1), zero-extended (GPUs, odd axes).
-    XLA:CPU compiles the 32->64-bit conversion fused into the sum poorly: the whole digest of 37.7M float32
-    took 0.10 s that way and 0.055 s with packed words (one core, the same values)."""
+    Packing is there because XLA:CPU compiles the 32->64-bit conversion fused into the sum poorly."""
     import jax
     import jax.numpy as jnp
     size = values.dtype.itemsize
@@ -112,9 +114,9 @@ def _mix(x):
 
 @functools.cache
 def _digest_kernel(platform: str):
-    """The jitted digest pass (~6x faster than NumPy's ten passes over uint64 temporaries). On the CPU it is
-    compiled for 512-bit vectors, which XLA does not prefer by default: ~20% faster there (the 64-bit
-    multiplies), and a compile option of this kernel alone, not of the model's."""
+    """The jitted digest pass: one fused pass, where NumPy makes ten over uint64 temporaries. On the CPU it
+    is compiled for 512-bit vectors, which XLA does not prefer by default but which suit the 64-bit
+    multiplies; a compile option of this kernel alone, not of the model's."""
     import jax
     jit = functools.partial(jax.jit, _digest_kernel_fn, static_argnames=("flat", "group"))
     if platform != "cpu":
@@ -216,9 +218,13 @@ def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict
 
 
 def _described(tensors: dict, parts: np.ndarray) -> dict:
-    return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype if isinstance(v, (np.ndarray, np.generic))
-                                                       else v.dtype), "part": int(p)}
-            for (k, v), p in zip(tensors.items(), parts)}
+    return {k: dict(_shape_dtype(v), part=int(p)) for (k, v), p in zip(tensors.items(), parts)}
+
+
+def _shape_dtype(value) -> dict:
+    """{"shape": [...], "dtype": "..."} of a NumPy array, NumPy scalar or jax.Array (its global shape)."""
+    dtype = np.asarray(value).dtype if isinstance(value, (np.ndarray, np.generic, int, float)) else value.dtype
+    return {"shape": list(np.shape(value)), "dtype": str(dtype)}
 
 
 def digests(tensors: dict, allreduce=None) -> dict[str, int]:
@@ -252,9 +258,9 @@ _gc_was_enabled = False
 @contextlib.contextmanager
 def gc_paused():
     """No automatic garbage collection while orbax runs: it allocates enough small objects to set off
-    full collections, each a walk over every object torch and JAX keep alive (0.05 s of a 0.4 s save of
-    the small model, measured alternately). Reference counting still frees what it can; collection
-    resumes when the last of any overlapping writers and readers (threads) ends, if it was on before."""
+    full collections, each a walk over every object torch and JAX keep alive, a noticeable part of a
+    save. Reference counting still frees what it can; collection resumes when the last of any
+    overlapping writers and readers (threads) ends, if it was on when the first began."""
     global _gc_holders, _gc_was_enabled
     with _gc_lock:
         if _gc_holders == 0:
@@ -286,12 +292,11 @@ def _write_handler(use_ocdbt: bool):
     """No compression, no extra copy of host arrays; one zarr array (a directory) per tensor in a single
     process, orbax's OCDBT key-value store with several.
 
-    Measured on the small model's 305 MB state in one process (writers alternated, session 3): OCDBT took
-    1.6-1.8x as long as plain zarr arrays, zstd compression tripled the write time (moments and weights
-    barely compress), and NumpyHandler's default deep copy of every array cost 0.1-0.25 s. With several
-    processes OCDBT stays: there each process writes a few data files, where zarr arrays would hold a chunk
-    file per tensor per process (an object per chunk in a bucket). Readers need no option: orbax tells
-    the layouts apart."""
+    In one process plain zarr arrays write faster than OCDBT, compression costs far more time than it
+    saves (moments and weights barely compress), and NumpyHandler's default deep copy of every array is
+    pure overhead (bench/RESULTS.md). With several processes OCDBT stays: there each process writes a
+    few data files, where zarr arrays would hold a chunk file per tensor per process (an object per
+    chunk in a bucket). Readers need no option: orbax tells the layouts apart."""
     import inspect
 
     import jax
@@ -308,12 +313,9 @@ def _write_handler(use_ocdbt: bool):
 def _on_host(tensors: dict) -> dict:
     """For a single-process write: each jax.Array that lives on one device goes to orbax as a host
     array; transfers start for all before any is waited for. On a CPU device that is a view of its
-    buffer (no copy). Measured:
-    - CPU: orbax's jax.Array writer spent ~0.8 ms of Python per array on shard and sharding
-      bookkeeping, 0.18 s of a 0.6 s save for the small model's 226 arrays;
-    - one H200, async save of the 1B state (bench/RESULTS_H200.md, session 3): with host arrays the 9
-      training steps beside the write ran at full speed (median 0.478 s); through orbax's jax.Array writer
-      they ran at 0.95 s (median of 5) and 0.96-3.7 s in session 2.
+    buffer (no copy). orbax's jax.Array writer spends Python time on shard and sharding bookkeeping for
+    every array, and on a GPU it slows the training steps that run beside an async save; host arrays
+    avoid both (bench/RESULTS.md, bench/RESULTS_H200.md).
     JAX keeps the host copy with the array while the array lives: for an async save that is the
     snapshot (freed after the write); a blocking save's arrays are replaced by the next step.
     Arrays over several devices keep orbax's writer (a host array would gather them)."""
@@ -335,19 +337,104 @@ def _quiet_ocdbt_merge() -> None:
     logging.getLogger("absl").addFilter(_Filter())
 
 
-def read_tensors(path: str, names: list[str], shardings: dict | None = None) -> dict:
+def read_tensors(path: str, names: list[str], shardings: dict | None = None, name=None) -> dict:
     """Read the named tensors: as host NumPy arrays, or as jax.Arrays placed with `shardings[name]`
-    (only the shards this process holds are read)."""
-    import orbax.checkpoint as ocp
+    (only the shards this process holds are read).
 
-    def args(name):
+    A checkpoint's files that are missing or malformed raise CheckpointDamaged; files that exist but
+    cannot be read (permissions, I/O errors) raise StorageError. `name`: how messages call the
+    checkpoint (default: the directory holding `path`)."""
+    import orbax.checkpoint as ocp
+    name = name or os.path.dirname(os.path.abspath(path))
+
+    def args(tensor):
         if shardings is None:
             return ocp.RestoreArgs(restore_type=np.ndarray)
-        return ocp.ArrayRestoreArgs(sharding=shardings[name])
+        return ocp.ArrayRestoreArgs(sharding=shardings[tensor])
+    absent = object()          # what partial_restore hands back for a name the checkpoint does not hold
     restore_args = _nested({n: args(n) for n in names})
     _use_distributed_barriers()
-    with gc_paused(), ocp.PyTreeCheckpointer() as ckptr:   # partial_restore: read only the named tensors
-        tree = ckptr.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
-            item=_nested({n: 0 for n in names}), restore_args=restore_args, partial_restore=True))
+    try:
+        with gc_paused(), ocp.PyTreeCheckpointer() as ckptr:   # partial_restore: read only the named tensors
+            tree = ckptr.restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
+                item=_nested({n: absent for n in names}), restore_args=restore_args, partial_restore=True))
+    except Exception as e:     # noqa: BLE001  (orbax and tensorstore raise many types; sorted out here)
+        error = _read_error(e, path, names, name)
+        if error is e:
+            raise
+        raise error from e
     flat = flatten(tree)
-    return {n: flat[n.replace("/", ".")] for n in names}
+    out = {n: flat.get(n.replace("/", "."), absent) for n in names}
+    missing = [n for n, v in out.items() if v is absent]
+    if missing:
+        raise CheckpointDamaged(f"checkpoint {name} is damaged: tensor {missing[0]} is missing from its state/")
+    return out
+
+
+def summarize(tensors: dict, allreduce=None) -> dict:
+    """{name: {"shape", "dtype", "digest"}} of tensors that were read: what hal.layout.verify compares with
+    a manifest. With several processes, `allreduce` adds the digest parts (see digests)."""
+    found = digests(tensors, allreduce)
+    return {n: dict(_shape_dtype(v), digest=found[n]) for n, v in tensors.items()}
+
+
+# The status codes tensorstore and XLA start their messages with; the first five prove a file missing or malformed.
+_DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
+_STATUS = re.compile(r"\b(" + "|".join(_DAMAGE_CODES + (
+    "CANCELLED", "UNKNOWN", "DEADLINE_EXCEEDED", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+    "ABORTED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")) + r"): ")
+_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+
+
+def _read_error(e: Exception, path: str, names: list[str], name) -> Exception:
+    """What a failed read means. StorageError: a file exists but cannot be read (permissions, an I/O error).
+    CheckpointDamaged: a file the checkpoint needs is missing or malformed. Anything else (out of memory,
+    a collective that timed out) is handed back as it is."""
+    text = str(e)
+    status = _STATUS.search(text)
+    code = status.group(1) if status else None
+    os_error = _OS_ERROR.search(text)
+    missing = isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) or code == "NOT_FOUND"
+    if missing:
+        # orbax reports an unreadable directory as a missing file: look before calling it damage
+        blocked = _unreadable(path)
+        if blocked:
+            return StorageError(f"checkpoint {name}: cannot read {blocked} (permission denied)")
+    elif (isinstance(e, OSError) or code == "PERMISSION_DENIED"
+          or (os_error is not None and int(os_error.group(1)) != errno.ENOENT)):
+        return StorageError(f"checkpoint {name}: cannot read its tensors ({_brief(e)})")
+    elif (code is not None and code not in _DAMAGE_CODES) or isinstance(e, (RuntimeError, MemoryError)):
+        return e
+    tensor = _tensor_named_in(text, names)
+    what = f"tensor {tensor}" if tensor else "its state/"
+    return CheckpointDamaged(f"checkpoint {name} is damaged: {what} cannot be read ({_brief(e)})")
+
+
+def _brief(e: Exception) -> str:
+    """The first line of a read error, without the tensorstore spec it may end with."""
+    return first_line(e, limit=1000).split(" [tensorstore_spec=")[0][:300]
+
+
+def _unreadable(path: str) -> str | None:
+    """The first directory or file at or under `path` that this process may not read, if any."""
+    def blocked(p: str, is_dir: bool) -> bool:
+        try:
+            os.listdir(p) if is_dir else open(p, "rb").close()
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+        return False
+    if os.path.isdir(path) and blocked(path, True):
+        return path
+    for root, dirs, files in os.walk(path):
+        for entry, is_dir in [(d, True) for d in dirs] + [(f, False) for f in files]:
+            if blocked(os.path.join(root, entry), is_dir):
+                return os.path.join(root, entry)
+    return None
+
+
+def _tensor_named_in(text: str, names: list[str]) -> str | None:
+    """The storage name whose files an error message points at (the longest match), if any."""
+    hits = [n for n in names if n.replace("/", ".") in text]
+    return max(hits, key=len) if hits else None
