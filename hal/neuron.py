@@ -16,6 +16,7 @@ pure functions of a `NeuronProbe` (what is installed), so they are tested on mac
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.util
 import os
 
@@ -64,13 +65,25 @@ class NeuronProbe:
         return cls(torch_neuron_device, torch_xla, jax_plugin, devices)
 
 
+class OptimizerStep(enum.StrEnum):
+    """How a stack applies an optimizer update."""
+    OPTIMIZER = "optimizer.step"      # torch's own
+    XM = "xm.optimizer_step"          # torch_xla's: all-reduces the gradients over the replicas, then steps
+    OPTAX = "optax"                   # inside the jitted JAX step
+
+
+class StepBarrier(enum.StrEnum):
+    """What must run after every optimizer step."""
+    TORCH_XLA_SYNC = "torch_xla.sync"   # cuts torch_xla's lazy graph: one compiled graph per step
+
+
 @dataclasses.dataclass(frozen=True)
 class NeuronHooks:
     stack: str                      # torchneuron | torch-xla | jax-pjrt
     device: str                     # torch device string, or the jax platform name
     process_group_backend: str | None
-    step_barrier: str | None        # what must run after every optimizer step, if anything
-    optimizer_step: str             # "optimizer.step" | "xm.optimizer_step"
+    step_barrier: StepBarrier | None
+    optimizer_step: OptimizerStep
     compile_backend: str | None     # torch.compile backend (torch stacks)
     supports_fsdp2: bool
     autocast_device: str | None     # torch.autocast device_type for bf16
@@ -105,16 +118,16 @@ def hooks_for(stack: str, precision: str = "bf16", cache_dir: str | None = None,
     # the compiler must not re-cast on its own: precision is what the config says
     cc_flags = ["--auto-cast=none", "--model-type=transformer", f"--cache_dir={cache}"]
     if stack == "torchneuron":
-        return NeuronHooks(stack, "neuron", "neuron", None, "optimizer.step", "neuron", True,
+        return NeuronHooks(stack, "neuron", "neuron", None, OptimizerStep.OPTIMIZER, "neuron", True,
                            "neuron" if precision == "bf16" else None, env, None)
     if stack == "torch-xla":
         env.update({"PJRT_DEVICE": "NEURON", "NEURON_CC_FLAGS": " ".join(cc_flags)})
-        return NeuronHooks(stack, "xla", "xla", "torch_xla.sync", "xm.optimizer_step", None, False,
+        return NeuronHooks(stack, "xla", "xla", StepBarrier.TORCH_XLA_SYNC, OptimizerStep.XM, None, False,
                            "xla" if precision == "bf16" else None, env,
                            "neuron_parallel_compile torchrun ... -m launch.train ... trainer.steps=<a few>")
     if stack == "jax-pjrt":
         env.update({"NEURON_CC_FLAGS": " ".join(cc_flags), "JAX_PLATFORMS": "neuron"})
-        return NeuronHooks(stack, "neuron", None, None, "optax", None, False, None, env,
+        return NeuronHooks(stack, "neuron", None, None, OptimizerStep.OPTAX, None, False, None, env,
                            "python -m launch.train hal=jax hal.platform=neuron trainer.steps=<a few>")
     raise ValueError(f"unknown Neuron stack {stack!r}")
 
@@ -140,3 +153,14 @@ def apply_env(hooks: NeuronHooks, local_rank: int = 0, nproc_per_node: int = 1,
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return env
+
+
+def setup(framework: str, precision: str, neuron_cfg: dict | None, instance_type: str | None,
+          local_rank: int = 0, local_world_size: int = 1) -> NeuronHooks:
+    """A backend's Neuron setup for `hal.platform=neuron`: the stack installed here for `framework`, its
+    hooks (hal.neuron config: cache_dir, stochastic_rounding), and its environment set for this rank."""
+    cfg = neuron_cfg or {}
+    hooks = hooks_for(select_stack(framework, NeuronProbe.detect()), precision, cfg.get("cache_dir"),
+                      cfg.get("stochastic_rounding", True), instance_type)
+    apply_env(hooks, local_rank, local_world_size, instance_type)
+    return hooks

@@ -1,0 +1,85 @@
+"""Processes: how this one was launched, and each framework's process group started from that.
+
+Launchers (torchrun, Slurm running torchrun, a TPU pod's runtime) describe the job in environment
+variables; backends read them here only, as Keras 3's distribution_lib does for its backends. Under
+torchrun: WORLD_SIZE processes, this one RANK (LOCAL_RANK of LOCAL_WORLD_SIZE on its host), torch's
+rendezvous store at MASTER_ADDR:MASTER_PORT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_environ(cls, environ=None) -> "LaunchEnv":
+        env = os.environ if environ is None else environ
+        return cls(world_size=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
+                   local_rank=int(env.get("LOCAL_RANK", "0")),
+                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+                   master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", "29500")))
+
+    @property
+    def multi_process(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_env() -> LaunchEnv:
+    """This process's launch environment, read now."""
+    return LaunchEnv.from_environ()
+
+
+def initialize_jax(mode="auto", coordinator_port: int | None = None) -> None:
+    """jax.distributed.initialize() for multi-process runs.
+
+    mode auto: initialize when launched as several processes — by torchrun-style variables (the JAX
+    coordinator listens on `coordinator_port`, by default MASTER_PORT + 1, since torchrun's own store
+    holds MASTER_PORT) or by a cluster JAX detects itself (TPU pods, SLURM). true: always; false: never.
+    """
+    import jax
+    if mode is False or mode == "false" or jax.distributed.is_initialized():
+        return
+    env = launch_env()
+    if env.multi_process:
+        if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        port = coordinator_port or env.master_port + 1
+        jax.distributed.initialize(coordinator_address=f"{env.master_addr}:{port}", num_processes=env.world_size,
+                                   process_id=env.rank)
+    elif mode is True or mode == "true":
+        jax.distributed.initialize()
+
+
+def comm_backend(platform: str, process_group_backend: str | None = None) -> str:
+    """The torch.distributed backend for a platform: gloo on CPUs, nccl on GPUs; on Trainium the Neuron
+    stack's own (`process_group_backend` of its hooks)."""
+    if platform == "neuron":
+        return process_group_backend
+    return {"cpu": "gloo", "gpu": "nccl"}[platform]
+
+
+def initialize_torch(backend: str, env: LaunchEnv) -> tuple[int, int]:
+    """Join torch's process group when launched as several processes; returns (rank, world size)."""
+    if not env.multi_process:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), env.world_size
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
