@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 from hal.base import (Backend, CheckpointDamaged, CheckpointSaveError, HostState, NonFiniteError, OptimizerSpec,
-                      StepMetrics, StorageError, UserError, WrongModelError, first_line)
+                      Snapshot, StepMetrics, StorageError, UserError, WrongModelError, first_line)
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -66,4 +66,4 @@ def torch_devices() -> dict:
 
 
 __all__ = ["Backend", "CheckpointDamaged", "CheckpointSaveError", "HostState", "NonFiniteError", "OptimizerSpec",
-           "StepMetrics", "StorageError", "UserError", "WrongModelError", "first_line", "make_backend", "FRAMEWORKS", "jax_devices", "torch_devices"]
+           "Snapshot", "StepMetrics", "StorageError", "UserError", "WrongModelError", "first_line", "make_backend", "FRAMEWORKS", "jax_devices", "torch_devices"]

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
 
+from hal import layout
 from models.errors import (CheckpointDamaged, StorageError, UserError, WrongModelError,  # noqa: F401  (re-exported)
                            first_line)
-from models.spec import LlamaConfig, decays
+from models.spec import LlamaConfig, decays, param_shapes
 
 
 class CheckpointSaveError(StorageError):
@@ -60,19 +62,30 @@ class HostState:
         return cls(params=params, mu=zeros, nu={k: np.zeros_like(v) for k, v in zeros.items()}, count=0)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """Flat {storage name: array}: params/<name>, opt/mu/<name>, opt/nu/<name>, opt/count."""
-        out = {f"params/{k}": v for k, v in self.params.items()}
-        out.update({f"opt/mu/{k}": v for k, v in self.mu.items()})
-        out.update({f"opt/nu/{k}": v for k, v in self.nu.items()})
-        out["opt/count"] = np.asarray(self.count, np.int32)
-        return out
+        """Flat {storage name: array} (hal.layout's names)."""
+        return layout.join(self.params, self.mu, self.nu, np.asarray(self.count, layout.COUNT_DTYPE))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray]) -> "HostState":
-        def group(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return cls(params=group("params/"), mu=group("opt/mu/"), nu=group("opt/nu/"),
-                   count=int(tensors["opt/count"]))
+        g = layout.split(tensors)
+        return cls(params=g.params, mu=g.mu, nu=g.nu, count=int(g.count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The train state captured for a checkpoint (Backend.snapshot): `write(path)` writes it under `path`
+    and returns {storage name: {shape, dtype, part}}; `held`: the device arrays the write holds (copies
+    of the state), for callers that wait on them, or None where nothing stays on a device."""
+    write: Callable[[str], dict]
+    held: object = None
+
+    def __call__(self, path: str) -> dict:
+        return self.write(path)
+
+    @property
+    def tensors(self):
+        """The earlier name of `held`."""
+        return self.held
 
 
 @dataclasses.dataclass
@@ -133,8 +146,8 @@ class Backend(abc.ABC):
     def check_batch(self, micro_batch: int) -> None:
         """Raise UserError if the micro-batch cannot be split over this backend's devices/processes."""
 
-    def snapshot(self, copy: bool = True) -> "Callable[[str], dict]":
-        """Capture the train state now; return `write(path)`, which writes it under `path` and returns
+    def snapshot(self, copy: bool = True) -> Snapshot:
+        """Capture the train state now. The Snapshot's `write(path)` writes it under `path` and returns
         {storage name: {shape, dtype, part}} (`part`: this process's share of the tensor's digest).
 
         This call is the only part that blocks training: with copy=True what `write` needs is copied
@@ -143,10 +156,7 @@ class Backend(abc.ABC):
         store), so it is safe beside the training step's. copy=False: `write` must run before the next step."""
         from hal import store
         t = self.get_state().tensors()       # host copies already
-
-        def write(path: str) -> dict:
-            return store.write_and_describe(path, t, self.process_index)
-        return write
+        return Snapshot(lambda path: store.write_and_describe(path, t, self.process_index))
 
     def combine(self, written: dict) -> dict:
         """{name: {shape, dtype, part}} of every process -> {name: {shape, dtype, digest}} (collective)."""
@@ -157,13 +167,28 @@ class Backend(abc.ABC):
         return {n: {"shape": written[n]["shape"], "dtype": written[n]["dtype"], "digest": int(d)}
                 for n, d in zip(names, parts)}
 
-    def load(self, path: str, manifest_tensors: dict) -> dict:
-        """Replace the train state with the tensors under `path`; returns {name: digest} of what was read."""
+    def load(self, path: str, manifest_tensors: dict, name=None) -> dict:
+        """Replace the train state with the checkpoint tensors under `path` (a checkpoint's state/), each
+        checked against `manifest_tensors` (hal.layout.verify) before the state is replaced. Returns
+        {storage name: {shape, dtype, digest}} of what was read. `name`: how errors call the checkpoint
+        (default: the directory holding `path`). Raises WrongModelError when the manifest lists another
+        model's tensors, CheckpointDamaged, or StorageError (hal.store.read_tensors)."""
         from hal import store
-        names = [n for n in manifest_tensors]
-        t = store.read_tensors(path, names)
+        name = self._check_model_tensors(path, manifest_tensors, name)
+        t = store.read_tensors(path, list(manifest_tensors), name=name)
+        found = store.summarize(t)
+        layout.verify(manifest_tensors, found, name)
         self.set_state(HostState.from_tensors(t))
-        return store.digests(t)
+        return found
+
+    def _check_model_tensors(self, path: str, manifest_tensors: dict, name) -> str:
+        """Raise WrongModelError unless the manifest lists exactly this model's tensors and shapes; returns
+        the checkpoint's name for messages."""
+        name = name or os.path.dirname(os.path.abspath(path))
+        problem = layout.model_mismatch(manifest_tensors, layout.state_shapes(param_shapes(self.model)))
+        if problem:
+            raise WrongModelError(f"checkpoint {name} does not hold this model's train state: {problem}")
+        return name
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """Sum a uint64 vector over processes (mod 2**64)."""

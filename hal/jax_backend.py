@@ -3,14 +3,12 @@ Neuron PJRT plugin, CPU host devices), NamedSharding through logical axis rules,
 jax.distributed."""
 from __future__ import annotations
 
-import functools
-import os
-
 import numpy as np
 
+from hal import layout, neuron, store
 from hal import mesh as meshlib
-from hal import neuron, store
-from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
+from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, first_line
+from hal.distributed import initialize_jax, launch_env
 from models.spec import LlamaConfig, flatten, logical_axes, nest, param_shapes
 
 # jax.default_backend() names -> trichip platform names
@@ -30,12 +28,22 @@ def _select_platform(platform: str) -> str:
                 jax.config.update("jax_platforms", name)
             found = _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
         except RuntimeError as e:
-            raise UserError(f"hal.platform={platform} but JAX cannot start it ({str(e).splitlines()[0]}); "
+            raise UserError(f"hal.platform={platform} but JAX cannot start it ({first_line(e)}); "
                             f"install the matching jax plugin or use hal.platform=auto") from None
         if found != platform:
             raise UserError(f"hal.platform={platform} but JAX found only {found} devices; install the matching "
                             f"jax plugin (e.g. pip install 'jax[cuda12]') or use hal.platform=auto")
     return _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
+
+
+def _configure(jax, precision: str, compile_cache_dir: str | None) -> None:
+    """fp32 means fp32 matmuls (GPUs default to TF32-class ones; parity with torch needs fp32); a compile
+    cache dir keeps compiled programs across restarts (a precompile run fills it)."""
+    if precision == "fp32":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    if compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _attention_impl(asked: str, platform: str, precision: str) -> str:
@@ -50,26 +58,68 @@ def _attention_impl(asked: str, platform: str, precision: str) -> str:
     return asked
 
 
-def maybe_initialize_distributed(mode, coordinator_port: int | None = None) -> None:
-    """jax.distributed.initialize() for multi-host runs.
+def make_loss_fn(net, cross_entropy):
+    """loss(params, tokens [B, T + 1]): mean next-token cross-entropy of the Flax module `net`."""
+    def loss_fn(params, tokens):
+        logits = net.apply({"params": params}, tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:])
+    return loss_fn
 
-    mode auto: initialize when launched as several processes — by torchrun-style variables
-    (WORLD_SIZE > 1; the JAX coordinator listens on MASTER_PORT + 1, since torchrun's own store holds
-    MASTER_PORT) or by a cluster JAX detects itself (TPU pods, SLURM). true: always; false: never.
-    """
+
+def make_train_step(loss_fn, tx):
+    """(params, opt_state, tokens [accum, B, T + 1], lr) -> (params, opt_state, loss, grad_norm): gradients
+    averaged over the `accum` micro-batches (a scan), then one update of the optax transform `tx`
+    scaled by -lr. A non-finite loss or gradient never reaches the state: the update (and its count)
+    is skipped, through a cond: selecting between old and new state would cost one more pass over
+    the params and both moments."""
     import jax
-    if mode is False or mode == "false" or jax.distributed.is_initialized():
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        port = coordinator_port or int(os.environ.get("MASTER_PORT", "29500")) + 1
-        addr = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{port}"
-        jax.distributed.initialize(coordinator_address=addr, num_processes=world,
-                                   process_id=int(os.environ["RANK"]))
-    elif mode is True or mode == "true":
-        jax.distributed.initialize()
+    import jax.numpy as jnp
+    import optax
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def mean_grads(params, tokens):
+        if tokens.shape[0] == 1:
+            return grad_fn(params, tokens[0])
+
+        def micro(acc, tok):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, tok)), None
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(micro, zero, tokens)
+        return jax.tree.map(lambda x: x / tokens.shape[0], total)
+
+    def train_step(params, opt_state, tokens, lr):
+        loss, grads = mean_grads(params, tokens)
+        grad_norm = optax.tree.norm(grads)
+
+        def update(operand):
+            params, opt_state, grads = operand
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            return jax.tree.map(lambda p, u: p - lr * u, params, updates), new_opt_state
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_params, new_opt_state = jax.lax.cond(finite, update, lambda operand: operand[:2],
+                                                 (params, opt_state, grads))
+        return new_params, new_opt_state, loss, grad_norm
+    return train_step
+
+
+def make_eval_loss(loss_fn):
+    """(params, tokens [n, B, T + 1]) -> the mean of the n micro-batch losses."""
+    import jax
+
+    def eval_loss(params, tokens):
+        return jax.lax.map(lambda tok: loss_fn(params, tok), tokens).mean()
+    return eval_loss
+
+
+def adamw(optim: OptimizerSpec, decay_mask):
+    """AdamW as hal.base.OptimizerSpec defines it, without the learning rate (the step scales by -lr)."""
+    import optax
+    return optax.chain(
+        optax.clip_by_global_norm(optim.max_grad_norm),
+        optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+    )
 
 
 class JaxBackend(Backend):
@@ -82,97 +132,61 @@ class JaxBackend(Backend):
         super().__init__(model, optim, precision)
         self.hooks = None
         if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
-            neuron_cfg = neuron_cfg or {}
-            self.hooks = neuron.hooks_for(neuron.select_stack("jax", neuron.NeuronProbe.detect()), precision,
-                                          neuron_cfg.get("cache_dir"), neuron_cfg.get("stochastic_rounding", True),
-                                          instance_type)
-            neuron.apply_env(self.hooks, int(os.environ.get("LOCAL_RANK", "0")),
-                             int(os.environ.get("LOCAL_WORLD_SIZE", "1")), instance_type)
+            env = launch_env()
+            self.hooks = neuron.setup("jax", precision, neuron_cfg, instance_type, env.local_rank,
+                                      env.local_world_size)
         import jax
-        import jax.numpy as jnp
-        import optax
-        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-        from models.llama_jax import LlamaForCausalLM, cross_entropy
-
-        maybe_initialize_distributed(distributed)
+        initialize_jax(distributed)
         self.platform = _select_platform(platform)
         self._jax = jax
-        if precision == "fp32":   # GPUs default to TF32-class matmuls; fp32 means fp32 (parity with torch)
-            jax.config.update("jax_default_matmul_precision", "highest")
-        if compile_cache_dir:   # persistent XLA compile cache: a restart (or a precompile run) fills it
-            jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        _configure(jax, precision, compile_cache_dir)
+        self._place_on_mesh(mesh, mesh_rule, instance_type)
+        self.attention = _attention_impl(attention, self.platform, precision)
+        self._build_model(remat)
+        self._compile_functions()
+        self.params = self.opt_state = None
+
+    def _place_on_mesh(self, mesh: dict | None, mesh_rule: str, instance_type: str | None) -> None:
+        """The device mesh, and the shardings of params, optimizer state and batches on it."""
+        jax = self._jax
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
         n = jax.device_count()
         self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), n)
         self.mesh = jax.make_mesh(tuple(self.mesh_sizes[a] for a in meshlib.AXES), meshlib.AXES,
                                   axis_types=(AxisType.Auto,) * len(meshlib.AXES))
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-
-        shapes = param_shapes(model)
-        specs = {k: P(*meshlib.partition(logical_axes(k, s), s, self.mesh_sizes)) for k, s in shapes.items()}
+        specs = {k: P(*meshlib.partition(logical_axes(k, s), s, self.mesh_sizes))
+                 for k, s in param_shapes(self.model).items()}
         self.param_shardings = {k: NamedSharding(self.mesh, spec) for k, spec in specs.items()}
         self.replicated = NamedSharding(self.mesh, P())
         batch_axes = meshlib.partition(("batch",), (self._batch_divisor(),), self.mesh_sizes)[0]
         self.batch_sharding = NamedSharding(self.mesh, P(None, batch_axes, None))
 
-        dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-        self.attention = _attention_impl(attention, self.platform, precision)
-        self.net = LlamaForCausalLM(model, dtype=dtype, remat=remat,
+    def _build_model(self, remat: bool) -> None:
+        import jax.numpy as jnp
+        from models.llama_jax import LlamaForCausalLM
+        dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
+        self.net = LlamaForCausalLM(self.model, dtype=dtype, remat=remat,
                                     attention=None if self.attention == "xla" else self.attention)
-        self._mask = nest({k: len(s) == 2 for k, s in shapes.items()})
-        self.tx = optax.chain(
-            optax.clip_by_global_norm(optim.max_grad_norm),
-            optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
-            optax.add_decayed_weights(optim.weight_decay, mask=self._mask),
-        )
-        net, tx = self.net, self.tx
+        self.tx = adamw(self.optim, nest({k: len(s) == 2 for k, s in param_shapes(self.model).items()}))
+
+    def _compile_functions(self) -> None:
+        """The jitted train step, eval loss, logits and snapshot copy, with explicit shardings."""
+        jax = self._jax
+        import jax.numpy as jnp
+        from models.llama_jax import cross_entropy
+        net, rep, batch = self.net, self.replicated, self.batch_sharding
         p_sh = nest(self.param_shardings)
         opt_sh = self._opt_shardings(p_sh)
-
-        def loss_fn(params, tokens):
-            logits = net.apply({"params": params}, tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:])
-
-        def train_step(params, opt_state, tokens, lr):
-            grad_fn = jax.value_and_grad(loss_fn)
-            if tokens.shape[0] == 1:
-                loss, grads = grad_fn(params, tokens[0])
-            else:
-                def micro(acc, tok):
-                    loss, grads = grad_fn(params, tok)
-                    return jax.tree.map(jnp.add, acc, (loss, grads)), None
-                zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-                (loss, grads), _ = jax.lax.scan(micro, zero, tokens)
-                loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
-            grad_norm = optax.tree.norm(grads)
-
-            def update(operand):
-                params, opt_state, grads = operand
-                updates, new_opt_state = tx.update(grads, opt_state, params)
-                return jax.tree.map(lambda p, u: p - lr * u, params, updates), new_opt_state
-
-            # A non-finite loss or gradient never reaches the state: the update (and count) is skipped. A cond,
-            # not a select of old against new: that select was one more pass over params and both moments, 3%
-            # of a CPU step of the small model (bench/RESULTS.md, session 4).
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            new_params, new_opt_state = jax.lax.cond(finite, update, lambda operand: operand[:2],
-                                                     (params, opt_state, grads))
-            return new_params, new_opt_state, loss, grad_norm
-
-        def eval_loss(params, tokens):
-            return jax.lax.map(lambda tok: loss_fn(params, tok), tokens).mean()
-
-        rep = self.replicated
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1),
-                                   in_shardings=(p_sh, opt_sh, self.batch_sharding, rep),
-                                   out_shardings=(p_sh, opt_sh, rep, rep))
-        self._eval_loss = jax.jit(eval_loss, in_shardings=(p_sh, self.batch_sharding), out_shardings=rep)
+        loss_fn = make_loss_fn(net, cross_entropy)
+        self._train_step = jax.jit(make_train_step(loss_fn, self.tx), donate_argnums=(0, 1),
+                                   in_shardings=(p_sh, opt_sh, batch, rep), out_shardings=(p_sh, opt_sh, rep, rep))
+        self._eval_loss = jax.jit(make_eval_loss(loss_fn), in_shardings=(p_sh, batch), out_shardings=rep)
         # a real copy (jit forwards an input returned unchanged; jnp.copy makes a new buffer)
         self._copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
         self._copy_warm = False
         self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens),
                                in_shardings=(p_sh, rep), out_shardings=rep)
-        self.params = self.opt_state = None
 
     def _batch_divisor(self) -> int:
         return self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]
@@ -213,17 +227,14 @@ class JaxBackend(Backend):
         return self._jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
     def _shardings(self) -> dict:
-        sh = {f"params/{k}": s for k, s in self.param_shardings.items()}
-        sh.update({f"opt/mu/{k}": s for k, s in self.param_shardings.items()})
-        sh.update({f"opt/nu/{k}": s for k, s in self.param_shardings.items()})
-        sh["opt/count"] = self.replicated
-        return sh
+        sh = self.param_shardings
+        return layout.join(sh, sh, sh, self.replicated)
 
     def _set_tensors(self, t: dict) -> None:
-        group = lambda prefix: nest({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})  # noqa: E731
-        self.params = group("params/")
+        g = layout.split(t)
+        self.params = nest(g.params)
         init = self._jax.eval_shape(self.tx.init, self.params)
-        adam = init[1]._replace(count=t["opt/count"], mu=group("opt/mu/"), nu=group("opt/nu/"))
+        adam = init[1]._replace(count=g.count, mu=nest(g.mu), nu=nest(g.nu))
         self.opt_state = (init[0], adam, init[2])
 
     def set_state(self, state: HostState) -> None:
@@ -233,18 +244,14 @@ class JaxBackend(Backend):
         self._warm_copy()
 
     def _warm_copy(self) -> None:
-        """Compile the snapshot copy now: compiled at the first async save it blocked that save ~0.25 s."""
+        """Compile the snapshot copy now, not inside the first async save (where it would block training)."""
         if not self._copy_warm:
             self._copy.lower(self._tensors()).compile()
             self._copy_warm = True
 
     def _tensors(self) -> dict:
         adam = self.opt_state[1]
-        t = {f"params/{k}": v for k, v in flatten(self.params).items()}
-        t.update({f"opt/mu/{k}": v for k, v in flatten(adam.mu).items()})
-        t.update({f"opt/nu/{k}": v for k, v in flatten(adam.nu).items()})
-        t["opt/count"] = adam.count
-        return t
+        return layout.join(flatten(self.params), flatten(adam.mu), flatten(adam.nu), adam.count)
 
     def get_state(self) -> HostState:
         from jax.experimental import multihost_utils
@@ -253,26 +260,21 @@ class JaxBackend(Backend):
             t = multihost_utils.process_allgather(t, tiled=True)
         return HostState.from_tensors({k: np.asarray(self._jax.device_get(v)) for k, v in t.items()})
 
-    def snapshot(self, copy: bool = True):
+    def snapshot(self, copy: bool = True) -> Snapshot:
         """Each process writes the shards it holds (no gather). copy=True: a copy on the device, dispatched
-        before the next step can donate the state's buffers (blocks only as long as that copy takes)."""
-        t = self._tensors()
-        if copy:
-            t = self._copy(t)
+        before the next step can donate the state's buffers (blocks only as long as that copy takes); the
+        Snapshot holds those copies."""
+        t = self._copy(self._tensors()) if copy else self._tensors()
+        return Snapshot(lambda path: store.write_and_describe(path, t, self.process_index), held=t)
 
-        def write(path: str) -> dict:
-            return store.write_and_describe(path, t, self.process_index)
-        write.tensors = t          # what the write holds (the copies): callers may wait on them
-        return write
-
-    def load(self, path: str, manifest_tensors: dict) -> dict:
-        """Restore straight into this mesh's shardings (any writer, any device count)."""
+    def load(self, path: str, manifest_tensors: dict, name=None) -> dict:
+        """Restore straight into this mesh's shardings (any writer, any device count), checked like
+        Backend.load before the state is replaced."""
+        name = self._check_model_tensors(path, manifest_tensors, name)
         sh = self._shardings()
-        missing = sorted(set(sh) - set(manifest_tensors))
-        if missing:
-            raise UserError(f"checkpoint {path} lacks tensors this model needs, e.g. {missing[:2]}")
-        t = store.read_tensors(path, list(sh), shardings=sh)
-        found = store.digests(t, self.allreduce if self.process_count > 1 else None)
+        t = store.read_tensors(path, list(sh), shardings=sh, name=name)
+        found = store.summarize(t, self.allreduce if self.process_count > 1 else None)
+        layout.verify(manifest_tensors, found, name)
         self._set_tensors(t)
         return found
 

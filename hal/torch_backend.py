@@ -8,13 +8,11 @@ import os
 
 import numpy as np
 
+from hal import distributed, layout, neuron, store
 from hal import mesh as meshlib
-from hal import neuron, store
-from hal.base import Backend, HostState, OptimizerSpec, StepMetrics, UserError
+from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError
+from hal.fsdp_store import RowShardStore
 from models.spec import LlamaConfig, decays
-
-COMM_BACKEND = {"cpu": "gloo", "gpu": "nccl"}
-
 
 def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | None"):
     import torch
@@ -36,11 +34,17 @@ def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | 
     raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu, neuron for hal=torch")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+def _fsdp_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, world: int) -> tuple[dict, str]:
+    """The (data, fsdp) mesh and where it came from. torch has no tensor parallelism here: a tensor axis
+    asked for in hal.mesh is an error; a platform rule's (e.g. Trainium's TP inside a chip) folds into fsdp."""
+    sizes, source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), world)
+    if sizes["tensor"] == 1:
+        return sizes, source
+    if mesh:
+        raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
+                        f"now: set hal.mesh.tensor=1 (mesh {sizes})")
+    return (dict(sizes, fsdp=sizes["fsdp"] * sizes["tensor"], tensor=1),
+            source + " (tensor axis folded into fsdp: torch has no tensor parallelism yet)")
 
 
 class TorchBackend(Backend):
@@ -53,65 +57,66 @@ class TorchBackend(Backend):
         super().__init__(model, optim, precision)
         import torch
         import torch.distributed as dist
-        from models.llama_torch import LlamaForCausalLM, cross_entropy
+        from models.llama_torch import cross_entropy
 
-        self._torch, self._dist = torch, dist
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._torch, self._dist, self._cross_entropy = torch, dist, cross_entropy
+        env = distributed.launch_env()
         self.hooks = None
         if platform == "neuron":
-            neuron_cfg = neuron_cfg or {}
-            stack = neuron.select_stack("torch", neuron.NeuronProbe.detect())
-            self.hooks = neuron.hooks_for(stack, precision, neuron_cfg.get("cache_dir"),
-                                          neuron_cfg.get("stochastic_rounding", True), instance_type)
-            neuron.apply_env(self.hooks, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), instance_type)
-            COMM_BACKEND["neuron"] = self.hooks.process_group_backend
+            self.hooks = neuron.setup("torch", precision, neuron_cfg, instance_type, env.local_rank,
+                                      env.local_world_size)
             compile_backend = self.hooks.compile_backend or compile_backend
-        self.platform, self.device = _select_device(platform, local_rank, self.hooks)
+        self.platform, self.device = _select_device(platform, env.local_rank, self.hooks)
         if self.platform == "gpu":
             # checkpoints go through orbax, i.e. JAX (on the host CPU here): a CUDA JAX in this process must
             # not take the GPU's memory up front as it does by default (before JAX starts: no effect after)
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        # On CPUs torch's OpenMP threads spin-wait; a background checkpoint write beside them slowed the next
-        # step by ~1 step (bench/run.py table 4c) where a blocking save takes ~1/3 of one: block there.
-        # Neuron (torch-xla / TorchNeuron) is left blocking too: a second thread beside its graphs is untested.
+        # On CPUs torch's OpenMP threads spin-wait, so a checkpoint write on a second thread slows the steps
+        # beside it by more than a blocking save costs (bench/RESULTS.md): block there. Neuron (torch-xla /
+        # TorchNeuron) blocks too: a second thread beside its graphs is untested.
         self.async_save_default = self.platform == "gpu"
-        self.distributed = world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group(COMM_BACKEND[self.platform])
-        self.process_index, self.process_count = (dist.get_rank(), world) if self.distributed else (0, 1)
-        self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type),
-                                                           world)
-        if self.mesh_sizes["tensor"] != 1:
-            if mesh:   # asked for explicitly
-                raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
-                                f"now: set hal.mesh.tensor=1 (mesh {self.mesh_sizes})")
-            # a platform rule's tensor axis (e.g. Trainium's TP inside a chip): FSDP over those cores instead
-            self.mesh_sizes = dict(self.mesh_sizes, fsdp=self.mesh_sizes["fsdp"] * self.mesh_sizes["tensor"], tensor=1)
-            self.mesh_source += " (tensor axis folded into fsdp: torch has no tensor parallelism yet)"
+        self.distributed = env.multi_process
+        self.comm_backend = distributed.comm_backend(self.platform, self.hooks and self.hooks.process_group_backend)
+        self.process_index, self.process_count = distributed.initialize_torch(self.comm_backend, env)
+        self.mesh_sizes, self.mesh_source = _fsdp_mesh(mesh, mesh_rule, instance_type, env.world_size)
+        self._rows = RowShardStore(self.mesh_sizes, self.process_index, self._from_rank0)
+        self.net = self._build_net(remat, compile, compile_backend)
+        self.opt = self._build_optimizer(optim)
 
-        with torch.device("meta"):
-            net = LlamaForCausalLM(model)
+    def _build_net(self, remat: bool, compile: bool, compile_backend: str):
+        """The model on this backend's device: FSDP2-sharded over several processes, compiled per block
+        with `compile` (as torchtitan does: one graph reused by every block)."""
+        from models.llama_torch import LlamaForCausalLM
+        with self._torch.device("meta"):
+            net = LlamaForCausalLM(self.model)
         net.activation_checkpointing = remat
         self.device_mesh = None
-        if compile:   # per block, as torchtitan does: one graph reused by every block
+        if compile:
             for layer in net.model.layers:
                 layer.compile(backend=compile_backend)
         self.compiled = compile
         if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
             net = self._fully_shard(net)
-        self.net = net.to_empty(device=self.device)
-        self._cross_entropy = cross_entropy
+        return net.to_empty(device=self.device)
+
+    def _build_optimizer(self, optim: OptimizerSpec):
+        """AdamW with two param groups (weight decay on 2-D weights only). lr is set before every step from
+        the trainer's schedule; 0.0 here is never used. On CPU and CUDA the fused kernel updates every
+        tensor in one pass, much faster than the per-tensor loop."""
         named = dict(self.net.named_parameters())
+        self._names = list(named)
         decay = [p for n, p in named.items() if decays(n, tuple(p.shape))]
         no_decay = [p for n, p in named.items() if not decays(n, tuple(p.shape))]
-        # lr is set before every step from the trainer's schedule; 0.0 here is never used. The fused
-        # kernel (CPU and CUDA) updates all tensors in one pass: 65 -> 17 ms a step on `small` here.
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.AdamW(
+        return self._torch.optim.AdamW(
             [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps, **fused)
-        self._names = list(named)
+
+    def _from_rank0(self, value):
+        """Rank 0's `value`, on every rank (collective)."""
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _fully_shard(self, net):
         """FSDP2: one unit per decoder block, the root (embeddings, final norm, head) last."""
@@ -150,12 +155,12 @@ class TorchBackend(Backend):
         return {"graphs": int(counters["stats"]["unique_graphs"])}
 
     def _optimizer_step(self) -> None:
-        if self.hooks is not None and self.hooks.optimizer_step == "xm.optimizer_step":
+        if self.hooks is not None and self.hooks.optimizer_step is neuron.OptimizerStep.XM:
             import torch_xla.core.xla_model as xm
             xm.optimizer_step(self.opt)        # all-reduces gradients over the replicas, then steps
         else:
             self.opt.step()
-        if self.hooks is not None and self.hooks.step_barrier == "torch_xla.sync":
+        if self.hooks is not None and self.hooks.step_barrier is neuron.StepBarrier.TORCH_XLA_SYNC:
             import torch_xla
             torch_xla.sync()                   # cut the lazy graph here: one compiled step per step
 
@@ -167,7 +172,7 @@ class TorchBackend(Backend):
                 "devices": devices, "device_count": self.process_count, "process_count": self.process_count,
                 "device_kind": devices[0] if self.platform == "gpu" else self.platform,
                 "precision": self.precision, "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
-                "comm_backend": COMM_BACKEND[self.platform] if self.distributed else None,
+                "comm_backend": self.comm_backend if self.distributed else None,
                 "neuron_stack": self.hooks.stack if self.hooks else None}
 
     # -- state ---------------------------------------------------------------------------------
@@ -221,34 +226,6 @@ class TorchBackend(Backend):
                 mu[n], nu[n] = np.zeros_like(params[n]), np.zeros_like(params[n])
         return HostState(params=params, mu=mu, nu=nu, count=count)
 
-    # Under FSDP2 checkpoints go through orbax as global jax.Arrays built from each rank's shard (jax on
-    # the CPU, jax.distributed over the same ranks): every rank writes and reads only its own rows.
-    def _jax_io(self):
-        if not hasattr(self, "_jax_mesh"):
-            import jax
-            jax.config.update("jax_platforms", "cpu")
-            from hal.jax_backend import maybe_initialize_distributed
-            port = None
-            if self.distributed and not jax.distributed.is_initialized():
-                # rank 0 picks a free port for JAX's coordinator and tells the others over torch's group
-                # (MASTER_PORT + 1, JAX's default under torchrun, may be taken by anything on the host)
-                box = [_free_port() if self.process_index == 0 else None]
-                self._dist.broadcast_object_list(box, src=0)
-                port = box[0]
-            maybe_initialize_distributed("auto", coordinator_port=port)
-            from jax.sharding import Mesh
-            devices = sorted(jax.devices(), key=lambda dev: dev.process_index)
-            self._jax_mesh = Mesh(np.array(devices).reshape(self.mesh_sizes["data"], self.mesh_sizes["fsdp"]),
-                                  ("data", "fsdp"))
-        return self._jax_mesh
-
-    def _row_sharded(self, shape) -> bool:
-        return len(shape) > 0 and shape[0] % self.mesh_sizes["fsdp"] == 0
-
-    def _jax_sharding(self, shape):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        return NamedSharding(self._jax_io(), P("fsdp") if self._row_sharded(shape) else P())
-
     def _resharded(self):
         """FSDP2 may leave the root unsharded after a forward (eval); parameters are DTensors again after this."""
         if self.distributed:
@@ -258,92 +235,94 @@ class TorchBackend(Backend):
                     m.reshard()
         return dict(self.net.named_parameters())
 
-    def _sharded_tensors(self) -> dict:
-        """{storage name: torch tensor (DTensor under FSDP2)}."""
-        out = {}
-        for n, p in self._resharded().items():
-            out[f"params/{n}"] = p
-            st = self.opt.state.get(p)
-            if st:
-                out[f"opt/mu/{n}"], out[f"opt/nu/{n}"] = st["exp_avg"], st["exp_avg_sq"]
-            else:
-                out[f"opt/mu/{n}"] = out[f"opt/nu/{n}"] = self._torch.zeros_like(p)
-        return out
+    def _count(self) -> int:
+        return max([int(st["step"]) for st in self.opt.state.values()] or [0])
 
-    def snapshot(self, copy: bool = True):
+    def _sharded_tensors(self) -> dict:
+        """{storage name: torch tensor (a DTensor under FSDP2)} of params and moments (no opt/count)."""
+        params, mu, nu = {}, {}, {}
+        for n, p in self._resharded().items():
+            params[n] = p
+            st = self.opt.state.get(p)
+            mu[n], nu[n] = (st["exp_avg"], st["exp_avg_sq"]) if st else (self._torch.zeros_like(p),) * 2
+        return layout.join(params, mu, nu)
+
+    # -- checkpoints: this process's part of the state, written and read through hal.store (orbax) -------------
+    def snapshot(self, copy: bool = True) -> Snapshot:
         """This process's part of the state, cloned where it lives (device memory on a GPU; a memcpy on the
         CPU) so training may go on; `write` moves it to the host and writes it. Under FSDP2 every rank
-        writes only its own rows, through orbax as global jax.Arrays on a CPU mesh over the same ranks."""
-        torch = self._torch
-        count = max([int(st["step"]) for st in self.opt.state.values()] or [0])
+        writes only its own rows (hal.fsdp_store)."""
+        count = np.asarray(self._count(), layout.COUNT_DTYPE)
         local = {}
         for name, t in self._sharded_tensors().items():
             # a dim 0 FSDP2 cannot split evenly: gathered now (a collective: this thread, not `write`)
-            v = self._local(t) if (not self.distributed or self._row_sharded(tuple(t.shape))) else t.full_tensor()
+            whole = self.distributed and not self._rows.row_sharded(tuple(t.shape))
+            v = t.full_tensor() if whole else self._local(t)
             local[name] = (tuple(t.shape), v.detach().clone() if copy else v.detach())
         if self.distributed:
-            self._jax_io()          # jax.distributed is started here, on the training thread
-        side = None
-        if copy and self.device.type == "cuda":
-            # The copies to the host go on a stream of their own: on the training stream they queued behind
-            # (and held up) the next step — 12 s for the 1B state on an H200 (bench/RESULTS_H200.md).
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))      # after the clones above
+            self._rows.start()          # JAX's processes join here, on the training thread
+        to_host = self._host_copy(local, copy)
 
-        def to_host():
-            if side is None:
-                return {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
-            with torch.cuda.stream(side):
+        def write(path: str) -> dict:
+            host = to_host()
+            if self.distributed:
+                return self._rows.write(path, host, {layout.COUNT: count})
+            return store.write_and_describe(path, dict({n: v for n, (_, v) in host.items()}, **{layout.COUNT: count}))
+        return Snapshot(write)
+
+    def _host_copy(self, local: dict, copy: bool):
+        """A function that returns {name: (shape, float32 host array)} of the snapshot's tensors. On a GPU
+        (with copy) the transfers go on a stream of their own: on the training stream they would queue
+        behind, and hold up, the next step."""
+        torch = self._torch
+        if not (copy and self.device.type == "cuda"):
+            def to_host():
+                with torch.no_grad():
+                    return {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
+            return to_host
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))      # after the clones
+
+        def to_host_on_side_stream():
+            with torch.no_grad(), torch.cuda.stream(side):
                 pinned = {n: (shape, v.to("cpu", non_blocking=True)) for n, (shape, v) in local.items()}
             side.synchronize()
             return {n: (shape, v.float().numpy()) for n, (shape, v) in pinned.items()}
+        return to_host_on_side_stream
 
-        def write(path: str) -> dict:
-            with torch.no_grad():
-                host = to_host()
-            if self.distributed:
-                import jax
-                dev = jax.local_devices()[0]
-                tensors = {n: jax.make_array_from_single_device_arrays(shape, self._jax_sharding(shape),
-                                                                      [jax.device_put(v, dev)])
-                           for n, (shape, v) in host.items()}
-            else:
-                tensors = {n: v for n, (shape, v) in host.items()}
-            tensors["opt/count"] = np.asarray(count, np.int32)
-            return store.write_and_describe(path, tensors, self.process_index)
-        return write
-
-    def load(self, path: str, manifest_tensors: dict) -> dict:
+    def load(self, path: str, manifest_tensors: dict, name=None) -> dict:
+        """Under FSDP2 every rank reads only its own rows (hal.fsdp_store); checked like Backend.load."""
         if not self.distributed:
-            return super().load(path, manifest_tensors)
+            return super().load(path, manifest_tensors, name)
+        name = self._check_model_tensors(path, manifest_tensors, name)
+        shapes = {k: tuple(t.shape) for k, t in self._sharded_tensors().items()}
+        shapes[layout.COUNT] = ()
+        local, found = self._rows.read(path, shapes, name, self.allreduce)
+        layout.verify(manifest_tensors, found, name)
+        self._set_local_rows(local)
+        return found
+
+    def _set_local_rows(self, local: dict) -> None:
+        """Params and moments from {storage name: this rank's rows, or the whole tensor where it is
+        replicated} (NumPy), as hal.fsdp_store reads them."""
         torch = self._torch
-        targets = self._sharded_tensors()
-        missing = sorted(set(targets) - set(manifest_tensors))
-        if missing:
-            raise UserError(f"checkpoint {path} lacks tensors this model needs, e.g. {missing[:2]}")
-        shardings = {k: self._jax_sharding(tuple(t.shape)) for k, t in targets.items()}
-        shardings["opt/count"] = self._jax_sharding(())
-        read = store.read_tensors(path, list(shardings), shardings=shardings)
-        found = store.digests(read, self.allreduce)
-        count = int(np.asarray(read.pop("opt/count").addressable_shards[0].data))
+        count = int(local[layout.COUNT])
         named = self._resharded()
         self.opt.state.clear()
         with torch.no_grad():
             for n, p in named.items():
                 vals = {}
-                for key in (f"params/{n}", f"opt/mu/{n}", f"opt/nu/{n}"):
-                    arr = read[key]
-                    local = np.asarray(arr.addressable_shards[0].data)
-                    if not self._row_sharded(arr.shape):       # replicated on read: take this rank's rows
-                        local = self._local(self._to_param_layout(p, local)).cpu().numpy()
-                    vals[key] = torch.from_numpy(np.array(local, np.float32)).to(self.device)
-                self._local(p).copy_(vals[f"params/{n}"])
+                for key in (layout.param_key(n), layout.mu_key(n), layout.nu_key(n)):
+                    rows = local[key]
+                    if not self._rows.row_sharded(tuple(p.shape)):       # replicated on read: take this rank's rows
+                        rows = self._local(self._to_param_layout(p, rows)).cpu().numpy()
+                    vals[key] = torch.from_numpy(np.array(rows, np.float32)).to(self.device)
+                self._local(p).copy_(vals[layout.param_key(n)])
                 if count > 0:
                     mu, nu = torch.zeros_like(p), torch.zeros_like(p)
-                    self._local(mu).copy_(vals[f"opt/mu/{n}"])
-                    self._local(nu).copy_(vals[f"opt/nu/{n}"])
+                    self._local(mu).copy_(vals[layout.mu_key(n)])
+                    self._local(nu).copy_(vals[layout.nu_key(n)])
                     self.opt.state[p] = {"step": self._step_tensor(count), "exp_avg": mu, "exp_avg_sq": nu}
-        return found
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         if not self.distributed:
