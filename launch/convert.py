@@ -14,7 +14,8 @@ directories, and check what a checkpoint holds and computes.
 CKPT is a checkpoint directory, or a run or checkpoints directory (its latest checkpoint is used), on
 disk or on an object store (s3://bucket/prefix, gs://bucket/prefix: downloaded to a temporary directory);
 MODEL, A and B are a CKPT or a Hugging Face directory. Exit codes: 0 done / checks passed, 1 a check
-failed (verify, compare), 2 something to fix in the command (printed as one line).
+failed (verify, compare, copy), 2 something to fix in the command or a damaged checkpoint (printed as one
+line), 3 a checkpoint's files exist but cannot be read (permissions, I/O errors).
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hal import FRAMEWORKS, HostState, OptimizerSpec, UserError, make_backend
+from hal import FRAMEWORKS, CheckpointDamaged, HostState, OptimizerSpec, UserError, layout, make_backend
 from models import hf
+from models.errors import first_line
 from models.spec import SIZES, LlamaConfig, num_params, param_shapes
 from trainer import checkpoint
-from trainer.remote import is_remote
+from trainer.storage import is_remote
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR = 0, 1, 2
 PROG = "python -m launch.convert"
@@ -52,22 +54,26 @@ class _Parser(argparse.ArgumentParser):
 
 # -- reading models ---------------------------------------------------------------------------------
 
+def _read_manifest(ckpt, name=None) -> dict:
+    """A checkpoint's manifest, checked to be what trichip writes (hal.layout.check_manifest)."""
+    manifest = checkpoint.read_manifest(ckpt, name)
+    layout.check_manifest(manifest, name or ckpt)
+    return manifest
+
+
 def _model_config(manifest: dict, ckpt: Path) -> LlamaConfig:
     try:
         return LlamaConfig.from_dict(manifest["model"])
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt}: its manifest's model spec is unusable ({e})") from None
+        raise UserError(f"checkpoint {ckpt}: its manifest's model spec is unusable ({first_line(e)})") from None
 
 
 def _read_tensors(ckpt: Path, manifest: dict, names: list[str], local: Path | None = None) -> dict[str, np.ndarray]:
     """The named tensors of a checkpoint as host arrays (only those are read), each checked against its
-    manifest digest. `local`: where its files are, when ckpt is remote (a downloaded copy)."""
+    manifest entry (hal.layout.verify). `local`: where its files are, when ckpt is remote (a downloaded copy)."""
     from hal import store
-    tensors = store.read_tensors(str((local or ckpt) / "state"), names)
-    for name, array in tensors.items():
-        if store.digest(np.asarray(array)) != manifest["tensors"][name]["digest"]:
-            raise UserError(f"checkpoint {ckpt}: tensor {name} does not match its manifest digest; "
-                            f"the checkpoint is damaged")
+    tensors = store.read_tensors(str((local or ckpt) / "state"), names, name=ckpt)
+    layout.verify({n: manifest["tensors"][n] for n in names}, store.summarize(tensors), ckpt)
     return tensors
 
 
@@ -75,15 +81,16 @@ def read_checkpoint_params(path) -> tuple[LlamaConfig, dict[str, np.ndarray], Pa
     """(model config, {canonical name: float32}, checkpoint dir, manifest), digests verified; the
     optimizer moments are not read."""
     ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
+    manifest = _read_manifest(ckpt)
     cfg = _model_config(manifest, ckpt)
-    names = [f"params/{n}" for n in param_shapes(cfg)]
+    names = [layout.param_key(n) for n in param_shapes(cfg)]
     missing = [n for n in names if n not in manifest["tensors"]]
     if missing:
-        raise UserError(f"checkpoint {ckpt} lacks parameters of its own model spec, e.g. {missing[:2]}")
+        raise CheckpointDamaged(f"checkpoint {ckpt} is damaged: its manifest lacks parameters of its own model "
+                                f"spec, e.g. {missing[:2]}")
     with checkpoint.fetch(ckpt) as local:
         tensors = _read_tensors(ckpt, manifest, names, local)
-    params = {n: np.asarray(tensors[f"params/{n}"], np.float32) for n in param_shapes(cfg)}
+    params = {n: np.asarray(tensors[layout.param_key(n)], np.float32) for n in param_shapes(cfg)}
     return cfg, params, ckpt, manifest
 
 
@@ -174,7 +181,7 @@ def train_overrides(cfg: LlamaConfig) -> list[str]:
 
 def cmd_inspect(args) -> int:
     ckpt = checkpoint.resolve(args.ckpt)
-    m = checkpoint.read_manifest(ckpt)
+    m = _read_manifest(ckpt)
     w = m.get("writer", {})
     model = m.get("model", {})
     print(f"checkpoint   {ckpt}")
@@ -185,7 +192,7 @@ def cmd_inspect(args) -> int:
         name = _size_name(cfg)
         print(f"model        {name + ', ' if name else ''}{num_params(cfg):,} params, head_dim {cfg.head_dim}")
     except (TypeError, ValueError) as e:
-        print(f"model        (unusable spec: {e})")
+        print(f"model        (unusable spec: {first_line(e)})")
     for k, v in model.items():
         print(f"  {k:<26} {v}")
     versions = ", ".join(f"{k} {v}" for k, v in w.get("versions", {}).items())
@@ -209,41 +216,24 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def check_tensors(local: Path, m: dict, name=None) -> tuple[str | None, str]:
+def check_tensors(local: Path, m: dict, name=None) -> str:
     """Read every tensor of the checkpoint whose files are under `local` and check it against manifest `m`:
-    names and shapes against its model spec, then shape, dtype and digest of what is stored.
-    Returns (the first problem or None, a summary). `name`: the checkpoint, for messages."""
-    cfg = _model_config(m, name or local)
-    expected = {}
-    for n, s in param_shapes(cfg).items():
-        expected.update({f"params/{n}": s, f"opt/mu/{n}": s, f"opt/nu/{n}": s})
-    expected["opt/count"] = ()
-    listed = m.get("tensors", {})
-    missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
-    if missing:
-        return f"manifest lacks {len(missing)} tensor(s) of its model spec, e.g. {missing[0]}", ""
-    if extra:
-        return f"manifest lists {len(extra)} tensor(s) its model spec does not have, e.g. {extra[0]}", ""
-    for name, shape in expected.items():
-        if tuple(listed[name]["shape"]) != shape:
-            return f"tensor {name}: manifest shape {listed[name]['shape']}, model spec {list(shape)}", ""
+    names and shapes against its model spec, then shape, dtype and digest of what is stored (hal.layout.verify).
+    Returns a summary; raises CheckpointDamaged naming the first problem, StorageError where files cannot be
+    read. `name`: the checkpoint, for messages."""
     from hal import store
+    name = name or local
+    cfg = _model_config(m, name)
+    listed = m["tensors"]
+    problem = layout.model_mismatch(listed, layout.state_shapes(param_shapes(cfg)))
+    if problem:
+        raise CheckpointDamaged(f"checkpoint {name} is damaged: its manifest disagrees with its model spec: {problem}")
     total = 0
     for batch in _batches(listed):    # a bounded amount in memory at once, whatever the model's size
-        try:
-            tensors = store.read_tensors(str(local / "state"), batch)
-        except Exception as e:  # orbax/tensorstore raise many types for missing or damaged files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return f"cannot read the tensors in state/ ({type(e).__name__}: {first[:300]})", ""
-        for name in batch:
-            info, a = listed[name], np.asarray(tensors.pop(name))
-            if list(a.shape) != list(info["shape"]) or str(a.dtype) != info["dtype"]:
-                return f"tensor {name} is {a.dtype} {list(a.shape)}; manifest says {info['dtype']} {info['shape']}", ""
-            found = store.digest(a)
-            if found != info["digest"]:
-                return f"tensor {name} has digest {found}; manifest says {info['digest']}", ""
-            total += a.nbytes
-    return None, f"{len(listed)} tensors ({_human(total)}) match {checkpoint.MANIFEST} (step {m['step']})"
+        tensors = store.read_tensors(str(local / "state"), batch, name=name)
+        layout.verify({n: listed[n] for n in batch}, store.summarize(tensors), name)
+        total += sum(np.asarray(v).nbytes for v in tensors.values())
+    return f"{len(listed)} tensors ({_human(total)}) match {checkpoint.MANIFEST} (step {m['step']})"
 
 
 def _batches(listed: dict, limit: int = 1 << 30) -> list[list[str]]:
@@ -261,11 +251,12 @@ def _batches(listed: dict, limit: int = 1 << 30) -> list[list[str]]:
 
 def cmd_verify(args) -> int:
     ckpt = checkpoint.resolve(args.ckpt)
-    checkpoint.read_manifest(ckpt)
-    with checkpoint.fetch(ckpt) as local:
-        problem, summary = check_tensors(local, checkpoint.read_manifest(local, ckpt), ckpt)
-    if problem:
-        print(f"FAIL: {ckpt}: {problem}")
+    try:
+        _read_manifest(ckpt)
+        with checkpoint.fetch(ckpt) as local:
+            summary = check_tensors(local, _read_manifest(local, ckpt), ckpt)
+    except CheckpointDamaged as e:
+        print(f"FAIL: {e}")
         return EXIT_CHECK_FAILED
     print(f"OK: {ckpt}: {summary}")
     return EXIT_OK
@@ -276,8 +267,8 @@ def cmd_copy(args) -> int:
     compared with the manifest) before it becomes visible: on disk it is renamed into place from
     DST/.tmp-<step>/, on a store its manifest is uploaded last; a copy that fails the check is removed."""
     src = checkpoint.resolve(args.src)
-    step = checkpoint.read_manifest(src)["step"]
-    root = checkpoint.location(args.dst)
+    step = _read_manifest(src)["step"]
+    root = checkpoint.public(checkpoint.location(args.dst))
     dest = root / str(step)
     if checkpoint.is_checkpoint(root):
         raise UserError(f"{root} is itself a checkpoint; give the checkpoints directory to copy into "
@@ -290,7 +281,7 @@ def cmd_copy(args) -> int:
     wrote = False
     try:
         with checkpoint.fetch(src) as local_src, tempfile.TemporaryDirectory(prefix="trichip-copy-") as tmp:
-            manifest = checkpoint.read_manifest(local_src, src)
+            manifest = _read_manifest(local_src, src)
             if is_remote(dest):
                 wrote = True
                 checkpoint.upload(local_src, dest, commit=False)      # invisible until its manifest is there
@@ -303,17 +294,21 @@ def cmd_copy(args) -> int:
                 shutil.rmtree(arrived, ignore_errors=True)
                 wrote = True
                 shutil.copytree(local_src, arrived)
-            problem, summary = check_tensors(arrived, checkpoint.read_manifest(arrived, dest), dest)
+            problem = None
+            try:
+                summary = check_tensors(arrived, _read_manifest(arrived, dest), dest)
+            except CheckpointDamaged as e:
+                problem = str(e)
             if problem is None:
                 if is_remote(dest):
                     checkpoint.commit(local_src, dest)
                     if checkpoint.read_manifest(dest) != manifest:
-                        problem = f"{checkpoint.MANIFEST} differs from the source's after the upload"
+                        problem = f"{dest}: {checkpoint.MANIFEST} differs from the source's after the upload"
                 else:
                     os.rename(arrived, dest)
         if problem is not None:
             _remove_copy(dest, root, made_root)
-            print(f"FAIL: {dest}: {problem}; the copy was removed")
+            print(f"FAIL: {problem}; the copy was removed")
             return EXIT_CHECK_FAILED
     except BaseException as e:
         if wrote:
@@ -505,7 +500,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_code
 
 
 if __name__ == "__main__":
