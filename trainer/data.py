@@ -94,11 +94,32 @@ class TokenData:
         if min(self.split, n - self.split) < seq_len + 2:
             raise UserError(f"data.path {path!r} has {n} tokens: too few for seq_len {seq_len} with a "
                             f"held-out split of {eval_fraction}; use more text or a shorter trainer.seq_len")
-        meta_path = Path(path).with_suffix(".json")
-        file_vocab = json.loads(meta_path.read_text()).get("vocab_size") if meta_path.exists() else None
-        top = int(self.tokens.max()) if file_vocab is None else file_vocab - 1
+        self._check_sidecar(Path(path), vocab_size)
+
+    def _check_sidecar(self, path: Path, vocab_size: int) -> None:
+        """The token file's .json (written beside it by prepare_data) must agree with the file, and the token
+        ids must fit the model's vocabulary (an id past it would index outside the embedding)."""
+        meta_path = path.with_suffix(".json")
+        meta = {}
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                raise UserError(f"{meta_path} is not JSON; rewrite it with launch.prepare_data or remove it") from None
+            if not isinstance(meta, dict):
+                raise UserError(f"{meta_path} is not a token-file description (a JSON object)")
+        if "num_tokens" in meta and meta["num_tokens"] != len(self.tokens):
+            raise UserError(f"{path} holds {len(self.tokens)} tokens but {meta_path} says {meta['num_tokens']}: "
+                            f"the two do not belong together; rewrite them with launch.prepare_data")
+        low, top = int(self.tokens.min()), int(self.tokens.max())
+        if low < 0:
+            raise UserError(f"data.path {str(path)!r} holds negative token ids ({low}); it is not a token file")
+        if "vocab_size" in meta and top >= meta["vocab_size"]:
+            raise UserError(f"{path} has token ids up to {top} but {meta_path} says vocab_size {meta['vocab_size']}: "
+                            f"the two do not belong together; rewrite them with launch.prepare_data")
+        top = max(top, meta.get("vocab_size", 0) - 1)
         if top >= vocab_size:
-            raise UserError(f"data.path {path!r} has token ids up to {top} but the model's vocab_size is "
+            raise UserError(f"data.path {str(path)!r} has token ids up to {top} but the model's vocab_size is "
                             f"{vocab_size}; pick a model whose vocabulary covers the tokenizer")
 
     def _windows(self, lo: int, hi: int, rng: np.random.Generator, count: int) -> np.ndarray:
