@@ -125,30 +125,39 @@ class PendingSave:
     def _cleanup(self) -> None:
         if self.lead:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.dest.is_remote:
+                with contextlib.suppress(OSError):
+                    self.tmp.parent.rmdir()          # the staging directory, once empty
 
-    def finish(self):
+    def finish(self, upload_in_background: bool = False):
         """Wait for the write, then commit (collective: every process, same step). Raises the write's or the
         publication's error on every process if it failed on any (the temp directory is removed; whatever
-        was at the destination before is intact). Returns where the checkpoint is (see `public`)."""
+        was at the destination before is intact). Returns where the checkpoint is (see `public`).
+
+        A store destination is uploaded by process 0; with `upload_in_background` by a thread, so training
+        goes on: the checkpoint exists on the store once `finish_upload()` (collective) has returned."""
         if self._thread is not None:
             self._thread.join()
-        backend = self.backend
+        backend, self._upload = self.backend, None
         try:
             _agree(backend, self.error, f"the write of checkpoint {self.step}")
             tensors = backend.combine(self.written)
             error = None
             if self.lead:
                 try:
-                    self._commit(tensors)
+                    self._commit(tensors, upload_in_background)
                 except Exception as e:      # noqa: BLE001  (agreed on below, then raised)
                     error = e
             _agree(backend, error, f"the commit of checkpoint {self.step}")
-        finally:
+        except BaseException:
+            self._cleanup()
+            raise
+        if self._upload is None:
             self._cleanup()
         backend.barrier(f"checkpoint-{self.step}-done")
         return public(self.dest)
 
-    def _commit(self, tensors: dict) -> None:
+    def _commit(self, tensors: dict, upload_in_background: bool) -> None:
         """Process 0: the manifest (fsync'd), then the publication that makes the checkpoint exist."""
         manifest = dict(self.meta, format_version=FORMAT_VERSION, step=self.step, tensors=tensors)
         (self.tmp / "config.yaml").write_text(self.config_yaml)
@@ -156,7 +165,34 @@ class PendingSave:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        self.dest.publish(self.tmp, replace=self.replace)
+        if self.dest.is_remote and upload_in_background:
+            self._upload = threading.Thread(target=self._publish, name=f"upload-{self.step}", daemon=True)
+            self._upload.start()
+        else:
+            self.dest.publish(self.tmp, replace=self.replace)
+
+    def _publish(self) -> None:
+        try:
+            self.dest.publish(self.tmp, replace=self.replace)
+        except BaseException as e:   # noqa: BLE001  (handed to finish_upload(), on the training thread)
+            self.error = e
+
+    def uploaded(self) -> bool:
+        """The background upload has ended (well or not) on this process (always, where it uploads nothing)."""
+        upload = getattr(self, "_upload", None)
+        return upload is None or not upload.is_alive()
+
+    def finish_upload(self):
+        """Wait for the background upload (collective); raises its error on every process if it failed."""
+        upload = getattr(self, "_upload", None)
+        try:
+            if upload is not None:
+                upload.join()
+            _agree(self.backend, self.error if upload is not None else None, f"the upload to {self.dest}")
+        finally:
+            self._upload = None
+            self._cleanup()
+        return public(self.dest)
 
 
 def _on_any_process(backend, flag: bool) -> bool:
@@ -220,16 +256,16 @@ def list_steps(root) -> list[int]:
     return scan(root)[0]
 
 
-def prune(root, keep: int, upto: int | None = None, skip=(), lineage: str | None = None, busy=()) -> list[int]:
-    """Keep the newest `keep` complete checkpoints with step <= upto, not in `skip` (known damaged) and, given a
-    `lineage` run id, whose manifests carry it (or none); remove older ones of those, and abandoned temp
+def prune(root, keep: int, upto: int | None = None, skip=(), lineage=None, busy=()) -> list[int]:
+    """Keep the newest `keep` complete checkpoints with step <= upto, not in `skip` (known damaged) and, given
+    `lineage` (run ids), whose manifests carry one of them (or none); remove older ones of those, and abandoned temp
     directories (on a store: step prefixes without a manifest), except the `busy` ones being written.
     Checkpoints outside that set are never touched. Returns the steps removed."""
     loc = location(root)
     with storage_errors("prune", loc):
         complete, unfinished = scan(loc)
         ours = [s for s in complete if (upto is None or s <= upto) and s not in skip
-                and (lineage is None or _lineage(loc / str(s)) in (None, lineage))]
+                and (lineage is None or _lineage(loc / str(s)) in (None, *lineage))]
         doomed = ours[:-keep] if keep > 0 else []
         for step in doomed:
             (loc / str(step)).remove()
@@ -337,7 +373,12 @@ def _load(local: Path, backend, name, manifest: dict) -> None:
     except (CheckpointDamaged, StorageError):
         raise
     except Exception as e:   # noqa: BLE001  (classified: proven damage, or storage that cannot be read)
-        raise classify_read_error(e, name) from None
+        error = classify_read_error(e, name)
+        denied = _first_unreadable(local / "state") if isinstance(error, CheckpointDamaged) else None
+        if denied is not None:      # orbax reports a file it may not open as missing: that is not damage
+            raise StorageError(f"checkpoint {name} cannot be read ({denied}); it is not treated as damaged: fix "
+                               f"the permissions and run again") from None
+        raise error from None
     for tensor, digest in found.items():
         if manifest["tensors"][tensor]["digest"] != digest:
             raise CheckpointDamaged(f"checkpoint {name}: tensor {tensor} does not match its manifest digest; "
@@ -346,7 +387,7 @@ def _load(local: Path, backend, name, manifest: dict) -> None:
 
 # What tensorstore and the OS say when a file is missing or its bytes are wrong (proven damage), as opposed to
 # when it cannot be read at all (permissions, I/O, a full or unreachable device).
-_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "decod", "Expected", "expected", "mismatch", "truncat", "corrupt",
+_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "Not enough data", "FAILED_PRECONDITION", "decod", "Expected", "expected", "mismatch", "truncat", "corrupt",
                  "Invalid", "invalid", "Error parsing", "out of range", "OUT_OF_RANGE")
 _UNREADABLE_WORDS = ("PERMISSION_DENIED", "Permission denied", "os_error_code=13", "os_error_code=1]",
                      "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Input/output error", "EIO")
@@ -355,14 +396,40 @@ _UNREADABLE_WORDS = ("PERMISSION_DENIED", "Permission denied", "os_error_code=13
 def classify_read_error(e: BaseException, name) -> UserError:
     """CheckpointDamaged when a tensor's files are missing or malformed; StorageError when they cannot be
     read (a permission, an I/O error) or for a failure that proves nothing about the checkpoint."""
-    text = str(e)
-    if isinstance(e, PermissionError) or any(w in text for w in _UNREADABLE_WORDS):
+    chain = _chain(e)
+    text = " ".join(str(x) for x in chain)
+    if any(isinstance(x, PermissionError) for x in chain) or any(w in text for w in _UNREADABLE_WORDS):
         return StorageError(f"checkpoint {name} cannot be read ({first_line(e, 200)}); it is not treated as "
                             f"damaged: fix the storage and run again")
-    if isinstance(e, (FileNotFoundError, KeyError, EOFError)) or any(w in text for w in _DAMAGE_WORDS):
+    if any(isinstance(x, (FileNotFoundError, KeyError, EOFError)) for x in chain) or \
+            any(w in text for w in _DAMAGE_WORDS):
         return CheckpointDamaged(f"checkpoint {name}: its tensors are missing or malformed "
-                                 f"({type(e).__name__}: {first_line(e, 200)}); the checkpoint is damaged")
+                                 f"({first_line(chain[-1], 200)}); the checkpoint is damaged")
     return StorageError(f"checkpoint {name} cannot be read ({type(e).__name__}: {first_line(e, 200)})")
+
+
+def _first_unreadable(root: Path) -> str | None:
+    """'<reason>: <path>' for the first directory or file under root this process may not read, else None."""
+    try:
+        for directory, _, files in os.walk(root, onerror=_raise):
+            for name in files:
+                open(os.path.join(directory, name), "rb").close()
+    except PermissionError as e:
+        return f"{e.strerror}: {e.filename}"
+    return None
+
+
+def _raise(e: OSError):
+    raise e
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """The exception and its causes (orbax wraps tensorstore's error, which says what happened)."""
+    out = [e]
+    while (e.__cause__ or e.__context__) is not None and len(out) < 8:
+        e = e.__cause__ or e.__context__
+        out.append(e)
+    return out
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ The rules it enforces (README, "What trichip guarantees"):
   init unless trainer.fresh_if_damaged says so.
 - A checkpoint replaces an older one of the same step only when that one was proven damaged, and the old copy
   is removed only after the new one is complete.
-- Pruning keeps the newest `keep` good checkpoints of this run's lineage (manifests carrying its run id, or
-  none: written before lineage was recorded) up to the newest it wrote; others are never touched.
+- Pruning keeps the newest `keep` good checkpoints of this run's lineage (manifests carrying its run id or the
+  id of a run it resumed from, or none: written before lineage was recorded) up to the newest it wrote; others
+  are never touched.
 """
 from __future__ import annotations
 
@@ -42,10 +43,12 @@ class Checkpointer:
         self.root, self.run_dir, self.run_id, self.backend = root, Path(run_dir), run_id, backend
         self.keep, self.async_save, self.on_save_error, self.config_yaml = keep, async_save, on_save_error, config_yaml
         self.lead = backend.process_index == 0
-        self.pending: checkpoint.PendingSave | None = None
+        self.pending: checkpoint.PendingSave | None = None      # being written
+        self.uploading: checkpoint.PendingSave | None = None    # committed, being uploaded to a store
         self.damaged: set[int] = set()
         self.written: list[int] = []           # committed by this process, in order
         self.failures: list[str] = []
+        self.lineage = [run_id]                # this run's id, then the ids of the runs it descends from
         self._locks: list[RunLock] = []
 
     # -- locks -------------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class Checkpointer:
                 manifest = checkpoint.read_manifest(ckpt)
                 check_model(ckpt, manifest)
                 checkpoint.load(ckpt, self.backend, cache=self.run_dir / REMOTE_CACHE)
+                self.adopt(manifest)
                 return manifest["step"], manifest, str(ckpt)
             except (WrongModelError, StorageError):
                 raise
@@ -119,16 +123,22 @@ class Checkpointer:
                         "(trainer.fresh_if_damaged=true)", self.root)
         return -1, None, ""
 
+    def adopt(self, manifest: dict) -> None:
+        """This run continues the one that wrote `manifest`: that run's checkpoints are its lineage too."""
+        lineage = manifest.get("lineage") or {}
+        for run_id in [lineage.get("run_id"), *lineage.get("ancestors", [])]:
+            if run_id and run_id not in self.lineage:
+                self.lineage.append(run_id)
+
     # -- saving ---------------------------------------------------------------------------------------
     def save(self, step: int, meta: dict, wait: bool = False) -> None:
         """Start checkpoint `step` (committing the previous pending one first); with `wait`, or without
         async saves, commit it now. A failure follows trainer.on_save_error."""
-        if self.pending is not None:
-            self.commit()
+        self.commit()
         try:
             self.pending = checkpoint.PendingSave(
-                self.root, step, self.backend, dict(meta, lineage={"run_id": self.run_id}), self.config_yaml,
-                staging=self.run_dir / STAGING, background=self.async_save and not wait,
+                self.root, step, self.backend, dict(meta, lineage={"run_id": self.run_id, "ancestors": self.lineage[1:]}),
+                self.config_yaml, staging=self.run_dir / STAGING, background=self.async_save and not wait,
                 replace=step in self.damaged)
         except SAVE_ERRORS as e:
             return self._failed(step, e)
@@ -136,20 +146,38 @@ class Checkpointer:
             self.commit()
 
     def ready(self) -> bool:
-        """Whether this process's background write has ended (a pending save can be committed now)."""
-        return self.pending is None or self.pending.done()
+        """Whether this process's background write and upload have ended (commit() would not wait)."""
+        return (self.pending is None or self.pending.done()) and (self.uploading is None or self.uploading.uploaded())
 
     def commit(self) -> None:
-        """Finish the pending save (every process at the same step): manifest, publication, pruning."""
+        """Finish the pending save (every process at the same step): manifest, publication, pruning. On a store
+        the upload runs in the background; the one before it is waited for first."""
+        self._finish_upload()
         p, self.pending = self.pending, None
         if p is None:
             return
         try:
-            where = p.finish()
+            where = p.finish(upload_in_background=True)
         except SAVE_ERRORS as e:
             return self._failed(p.step, e)
-        self.written.append(p.step)
-        self.damaged.discard(p.step)
+        if self.root.is_remote:
+            self.uploading = p
+        else:
+            self._committed(p.step, where)
+
+    def _finish_upload(self) -> None:
+        p, self.uploading = self.uploading, None
+        if p is None:
+            return
+        try:
+            where = p.finish_upload()
+        except SAVE_ERRORS as e:
+            return self._failed(p.step, e)
+        self._committed(p.step, where)
+
+    def _committed(self, step: int, where) -> None:
+        self.written.append(step)
+        self.damaged.discard(step)
         log.info("checkpoint %s", where)
         self.prune()
 
@@ -178,16 +206,16 @@ class Checkpointer:
         if not self.lead or not self.written:
             return
         try:
-            checkpoint.prune(self.root, self.keep, upto=self.written[-1], skip=self.damaged, lineage=self.run_id,
+            checkpoint.prune(self.root, self.keep, upto=self.written[-1], skip=self.damaged, lineage=self.lineage,
                              busy=[self.pending.step] if self.pending is not None else [])
         except (UserError, OSError) as e:
             log.warning("could not remove old checkpoints in %s (%s); the next checkpoint tries again",
                         self.root, first_line(e))
 
     def close(self) -> None:
-        """Commit what is pending (the end of a run, a stop): every process."""
-        if self.pending is not None:
-            self.commit()
+        """Commit what is pending and wait for its upload (the end of a run, a stop): every process."""
+        self.commit()
+        self._finish_upload()
 
     def summary(self) -> dict:
         return {"checkpoints_written": list(self.written), "checkpoint_failures": list(self.failures),

@@ -440,9 +440,10 @@ def _keep_pending(ckpt: Checkpointer):
     try:
         yield
     except BaseException as error:
-        if ckpt.pending is not None and (ckpt.backend.process_count == 1 or isinstance(error, NonFiniteError)):
+        busy = ckpt.pending is not None or ckpt.uploading is not None
+        if busy and (ckpt.backend.process_count == 1 or isinstance(error, NonFiniteError)):
             try:
-                ckpt.commit()
+                ckpt.close()
             except Exception as e:    # noqa: BLE001  (the original error is the one to report)
                 log.warning("the checkpoint being written could not be committed: %s", first_line(e))
         raise
