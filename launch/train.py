@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -69,18 +70,29 @@ def _quiet_closed_loop_callbacks() -> None:
     def unraisable(u):
         if closed_loop(u.exc_value):
             logging.getLogger("trichip").debug("ignored after a failed write: %s", u.exc_value)
+        elif isinstance(u.exc_value, OSError):     # e.g. a writer's exit-time flush to a full disk
+            logging.getLogger("trichip").warning("%s: %s", u.err_msg or "ignored", u.exc_value)
         else:
             default_hook(u)
 
     def excepthook(kind, value, tb):
         if not closed_loop(value):
             default_excepthook(kind, value, tb)
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+    def thread_excepthook(args):     # a writer thread that hit a full disk: one line; the run reports the rest
+        if isinstance(args.exc_value, OSError):
+            logging.getLogger("trichip").warning("thread %s stopped: %s", getattr(args.thread, "name", "?"),
+                                                 args.exc_value.strerror or args.exc_value)
+        elif not closed_loop(args.exc_value):
+            default_thread_hook(args)
+    default_thread_hook = threading.excepthook
+    sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable, excepthook, thread_excepthook
 
 
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     from trainer.loop import train
+    logging.raiseExceptions = False     # a log file on a full disk must not print tracebacks: the error says it
     for noisy in ("absl", "jax._src", "orbax"):   # orbax logs every save at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_closed_loop_callbacks()

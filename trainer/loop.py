@@ -383,10 +383,14 @@ class Report:
         self._redirect.__exit__(*exc)
         if self.bar:
             self.bar.close()
-        if self.file:
-            self.file.close()
         if self.scalars:
             self.scalars.close()
+        if self.file:
+            try:
+                self.file.close()
+            except OSError as e:    # the last lines did not reach the disk; an error in flight says more
+                if exc[1] is None:
+                    raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
 
     def step(self, done: int, m, lr: float, dt: float, eval_loss: float | None) -> None:
         last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,

@@ -38,15 +38,25 @@ class Scalars:
         except ImportError:
             log.info("tensorboardX not installed: no TensorBoard event files (pip install tensorboardX)")
             return
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), flush_secs=10)
+        self.logdir = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(str(self.logdir), flush_secs=10)
 
     def add(self, step: int, values: dict) -> None:
+        """Queue the step's scalars. tensorboardX writes them from its own thread, which ends on a write error
+        (a full disk): then its bounded queue would block this thread for ever, so that is an OSError here."""
         if self.writer is None:
             return
+        worker = getattr(getattr(self.writer._get_file_writer(), "event_writer", None), "_worker", None)
+        if worker is not None and not worker.is_alive():
+            self.writer = None
+            raise OSError(f"the TensorBoard event writer for {self.logdir} stopped (a full disk?)")
         for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
             if key in values:
                 self.writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", values[key], step)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                log.warning("TensorBoard events in %s could not be flushed: %s", self.logdir, e.strerror or e)
