@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, cli, metrics
+from tests.tolerances import LOSS_RTOL as RTOL
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
@@ -24,7 +25,6 @@ STEPS = 24
 FAST = ["trainer.global_batch=4", "trainer.seq_len=32", "optim.lr=5e-4", "optim.warmup_steps=4",
         "trainer.log_every=6", "trainer.eval_every=6", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2",
         f"trainer.steps={STEPS}"]
-RTOL = 1e-4
 
 
 def _free_port() -> int:
@@ -173,7 +173,9 @@ def test_train_on_s3_killed_then_resumed_on_torch(s3, s3_run):
     assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
     got, want = losses(run), losses(ref)
     np.testing.assert_array_equal(got[:resumed_from], want[:resumed_from])       # jax both, before the kill
-    assert (np.abs(got - want) / np.abs(want)).max() <= RTOL                     # torch after it
+    gap = (np.abs(got - want) / np.abs(want)).max()
+    print(f"max rel gap jax->torch on s3: {gap:.2e} (bound {RTOL:.0e})")
+    assert gap <= RTOL                                                           # torch after it
     ge, we = losses(run, "eval_loss"), losses(ref, "eval_loss")
     assert len(ge) == len(we) == STEPS // 6 and (np.abs(ge - we) / np.abs(we)).max() <= RTOL
     # keep-last-2 on the store, every one complete; no local checkpoint, staging or download left behind
@@ -313,11 +315,11 @@ def gcs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-            from trainer import storage
-            storage.forget_stores()
+            from trainer.storage import forget_stores
+            forget_stores()
             storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket("trichip-gcs")
             yield "trichip-gcs"
-            storage.forget_stores()
+            forget_stores()
     finally:
         server.kill()
         server.wait()
