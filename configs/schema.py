@@ -35,7 +35,7 @@ OnSaveError = _choices("OnSaveError", "stop", "continue")
 
 @dataclass
 class NeuronConfig:
-    cache_dir: Optional[str] = None         # persistent compile cache; default $NEURON_COMPILE_CACHE_URL or ~/.cache/neuron
+    cache_dir: Optional[str] = None         # compile cache; default $NEURON_COMPILE_CACHE_URL or ~/.cache/neuron
     stochastic_rounding: bool = True        # only where the weights themselves are bf16
 
 
@@ -113,9 +113,9 @@ class TrainerConfig:
     resume: bool = True                     # continue from the run's checkpoints (false: refuse a run dir holding some)
     init_from: Optional[str] = None         # a checkpoint, checkpoints/ or run dir (any framework), or an HF directory
     init_weights_only: bool = False         # with init_from: take params only (fresh optimizer, step 0)
-    precompile: bool = False                # trial run: compile the train/eval steps (fills compile caches), save nothing
+    precompile: bool = False                # trial run: compile the train/eval steps (fills caches), save nothing
     strict_resume: bool = False             # a damaged newest checkpoint: stop instead of resuming from an older one
-    fresh_if_damaged: bool = False          # every checkpoint damaged: start from the reference init instead of stopping
+    fresh_if_damaged: bool = False          # every checkpoint damaged: start from the reference init, not stop
     allow_setting_changes: bool = False     # resume a run dir with another checkpoint_dir, seed or data.path
     on_nonfinite: OnNonFinite = OnNonFinite.stop    # NaN/inf loss or gradient: stop (exit 4) | skip the update
     on_save_error: OnSaveError = OnSaveError.stop   # a checkpoint write fails: stop (exit 3) | continue training

@@ -387,7 +387,8 @@ def _load(local: Path, backend, name, manifest: dict) -> None:
 
 # What tensorstore and the OS say when a file is missing or its bytes are wrong (proven damage), as opposed to
 # when it cannot be read at all (permissions, I/O, a full or unreachable device).
-_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "Not enough data", "FAILED_PRECONDITION", "decod", "Expected", "expected", "mismatch", "truncat", "corrupt",
+_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "Not enough data", "FAILED_PRECONDITION", "decod", "Expected", "expected",
+                 "mismatch", "truncat", "corrupt",
                  "Invalid", "invalid", "Error parsing", "out of range", "OUT_OF_RANGE")
 _UNREADABLE_WORDS = ("PERMISSION_DENIED", "Permission denied", "os_error_code=13", "os_error_code=1]",
                      "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Input/output error", "EIO")

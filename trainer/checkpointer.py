@@ -137,13 +137,15 @@ class Checkpointer:
         self.commit()
         try:
             self.pending = checkpoint.PendingSave(
-                self.root, step, self.backend, dict(meta, lineage={"run_id": self.run_id, "ancestors": self.lineage[1:]}),
-                self.config_yaml, staging=self.run_dir / STAGING, background=self.async_save and not wait,
+                self.root, step, self.backend, dict(meta, lineage=self.lineage_record()), self.config_yaml, staging=self.run_dir / STAGING, background=self.async_save and not wait,
                 replace=step in self.damaged)
         except SAVE_ERRORS as e:
             return self._failed(step, e)
         if wait or not self.async_save:
             self.commit()
+
+    def lineage_record(self) -> dict:
+        return {"run_id": self.run_id, "ancestors": self.lineage[1:]}
 
     def ready(self) -> bool:
         """Whether this process's background write and upload have ended (commit() would not wait)."""

@@ -101,7 +101,8 @@ class Run:
 
     def settings(self) -> dict:
         """What a resumed run must keep (trainer.allow_setting_changes=true lets it change them)."""
-        return {"checkpoint_dir": self.cfg["trainer"]["checkpoint_dir"], "seed": self.seed, "data.path": self.cfg["data"]["path"]}
+        return {"checkpoint_dir": self.cfg["trainer"]["checkpoint_dir"], "seed": self.seed,
+                "data.path": self.cfg["data"]["path"]}
 
     def lr(self, count: int) -> float:
         return learning_rate(count, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.steps,

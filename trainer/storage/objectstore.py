@@ -201,7 +201,7 @@ class S3Store(Store):
         self.bucket = bucket
         _quiet("botocore", "boto3", "s3transfer", "urllib3")
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-        config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 2},
+        config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1},
                                         connect_timeout=min(10.0, _timeout()), read_timeout=_timeout(),
                                         max_pool_connections=2 * _WORKERS)
         try:
@@ -348,13 +348,14 @@ class GCSStore(Store):
 
     def check(self) -> None:
         # listing needs only object-level roles (storage.objects.list); getting the bucket needs more
-        self._call("check", "", lambda: list(self.client.list_blobs(self.bucket, max_results=1, timeout=_timeout())))
+        self._call("check", "", lambda: list(self.client.list_blobs(self.bucket, max_results=1, timeout=_timeout(),
+                                                                    retry=None)))
 
     def list_dirs(self, prefix: str) -> list[str]:
         p = f"{prefix}/" if prefix else ""
 
         def run():
-            it = self.client.list_blobs(self.bucket, prefix=p, delimiter="/", timeout=_timeout())
+            it = self.client.list_blobs(self.bucket, prefix=p, delimiter="/", timeout=_timeout(), retry=None)
             for _ in it:      # the prefixes are filled in page by page
                 pass
             return sorted(it.prefixes)
@@ -363,27 +364,29 @@ class GCSStore(Store):
     def list_files(self, prefix: str) -> list[str]:
         p = f"{prefix}/" if prefix else ""
         return self._call("list", p, lambda: [b.name for b in self.client.list_blobs(self.bucket, prefix=p,
-                                                                                 timeout=_timeout())])
+                                                                                 timeout=_timeout(), retry=None)])
 
     def exists(self, key: str) -> bool:
-        return self._call("stat", key, self.handle.blob(key).exists, timeout=_timeout())
+        return self._call("stat", key, self.handle.blob(key).exists, timeout=_timeout(), retry=None)
 
     def read_bytes(self, key: str) -> bytes:
-        return self._call("read", key, self.handle.blob(key).download_as_bytes, timeout=_timeout())
+        return self._call("read", key, self.handle.blob(key).download_as_bytes, timeout=_timeout(), retry=None)
 
     def upload_file(self, local: Path, key: str) -> None:
-        self._call("upload to", key, self.handle.blob(key).upload_from_filename, str(local), timeout=_timeout())
+        self._call("upload to", key, self.handle.blob(key).upload_from_filename, str(local), timeout=_timeout(),
+                   retry=None)
 
     def download_file(self, key: str, local: Path) -> None:
         self._call("download of", key, self.handle.blob(key).download_to_filename, str(local),
-                   timeout=_timeout())
+                   timeout=_timeout(), retry=None)
 
     def create(self, key: str, data: bytes) -> bool:
         from google.api_core import exceptions as gx
 
         def put() -> bool:
             try:
-                self.handle.blob(key).upload_from_string(data, if_generation_match=0, timeout=_timeout())
+                self.handle.blob(key).upload_from_string(data, if_generation_match=0, timeout=_timeout(),
+                                                         retry=None)
                 return True
             except gx.PreconditionFailed:
                 return False
@@ -394,7 +397,7 @@ class GCSStore(Store):
 
         def one(key):
             try:
-                self.handle.blob(key).delete(timeout=_timeout())
+                self.handle.blob(key).delete(timeout=_timeout(), retry=None)
             except gx.NotFound:
                 pass          # already gone
         for key in keys:
