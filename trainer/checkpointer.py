@@ -137,8 +137,8 @@ class Checkpointer:
         self.commit()
         try:
             self.pending = checkpoint.PendingSave(
-                self.root, step, self.backend, dict(meta, lineage=self.lineage_record()), self.config_yaml, staging=self.run_dir / STAGING, background=self.async_save and not wait,
-                replace=step in self.damaged)
+                self.root, step, self.backend, dict(meta, lineage=self.lineage_record()), self.config_yaml,
+                staging=self.run_dir / STAGING, background=self.async_save and not wait, replace=step in self.damaged)
         except SAVE_ERRORS as e:
             return self._failed(step, e)
         if wait or not self.async_save:
