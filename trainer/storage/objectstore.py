@@ -176,10 +176,6 @@ def _quiet(*loggers: str) -> None:
             logger.setLevel(logging.WARNING)
 
 
-def _first_line(e: BaseException) -> str:
-    return first_line(e)
-
-
 # -- S3 ---------------------------------------------------------------------------------------------
 
 _AWS_CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
@@ -207,7 +203,7 @@ class S3Store(Store):
         try:
             self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         except Exception as e:   # e.g. no region for a custom endpoint, a malformed endpoint URL
-            raise UserError(f"s3://{bucket}: cannot set up the S3 client ({_first_line(e)})") from None
+            raise UserError(f"s3://{bucket}: cannot set up the S3 client ({first_line(e)})") from None
         import boto3.s3.transfer
         self.transfer_config = boto3.s3.transfer.TransferConfig(max_concurrency=4)
 
@@ -232,8 +228,8 @@ class S3Store(Store):
                                  f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) "
                                  f"and the bucket's policy")
         if what == "check":
-            return RemoteError(f"cannot reach {url}: {_first_line(cause)}")
-        return RemoteError(f"{what} {url} failed: {_first_line(cause)}")
+            return RemoteError(f"cannot reach {url}: {first_line(cause)}")
+        return RemoteError(f"{what} {url} failed: {first_line(cause)}")
 
     def check(self) -> None:
         self._call("check", "", self.client.head_bucket, Bucket=self.bucket)
@@ -334,17 +330,17 @@ class GCSStore(Store):
             from google.api_core import exceptions as gx
             from google.auth import exceptions as ax
         except ImportError:      # pragma: no cover - both come with google-cloud-storage
-            return RemoteError(f"{what} {url} failed: {_first_line(e)}")
+            return RemoteError(f"{what} {url} failed: {first_line(e)}")
         if isinstance(e, (ax.DefaultCredentialsError, ax.RefreshError)):
             return UserError(f"no usable Google Cloud credentials for {url}: {_GCS_CREDENTIALS_HINT}")
         if isinstance(e, gx.NotFound) and (what == "check" or "bucket" in str(e).lower()):
             return UserError(f"bucket {self.bucket!r} does not exist ({url}): create it, or fix the URL")
         if isinstance(e, (gx.Forbidden, gx.Unauthorized)):
-            return UserError(f"access to {url} denied ({_first_line(e)}): check the credentials "
+            return UserError(f"access to {url} denied ({first_line(e)}): check the credentials "
                              f"(GOOGLE_APPLICATION_CREDENTIALS) and the bucket's IAM roles")
         if what == "check":
-            return RemoteError(f"cannot reach {url}: {_first_line(e)}")
-        return RemoteError(f"{what} {url} failed: {_first_line(e)}")
+            return RemoteError(f"cannot reach {url}: {first_line(e)}")
+        return RemoteError(f"{what} {url} failed: {first_line(e)}")
 
     def check(self) -> None:
         # listing needs only object-level roles (storage.objects.list); getting the bucket needs more
