@@ -1,11 +1,14 @@
 """The training loop: the same on every backend.
 
-    state   <- resume from run_dir/checkpoints, or trainer.init_from, or the reference init (seed)
+    lock the run dir; the Checkpointer locks the checkpoint location      (trainer.checkpointer)
+    state   <- the newest good checkpoint, or trainer.init_from, or the reference init (seed)
     for step in [state.step, trainer.steps):
         tokens <- data.train_batch(step)            a pure function of (seed, step)
         lr     <- schedule(step)                    a pure function of the updates done
         backend.train_step(tokens, lr)              one compiled step, one optimizer update
-        metrics.jsonl, log line, eval, checkpoint   by policy
+        metrics.jsonl, log line, eval               Report
+        checkpoint                                  Checkpointer.save, by policy; commit when written
+    stop on a signal after the step, with a checkpoint
 """
 from __future__ import annotations
 
