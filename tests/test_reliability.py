@@ -13,6 +13,9 @@ import pytest
 from tests.conftest import ROOT, cli, metrics
 
 FAST = ["trainer.global_batch=4", "trainer.seq_len=32", "trainer.log_every=5"]
+# Every wait below ends on an event (a metrics line, a file, a process exit); this bound is reached only
+# by a hung process, never by a slow one on a loaded machine.
+HUNG = 1800
 
 
 def one_error_line(r, code):
@@ -27,18 +30,24 @@ def _popen(*args):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_step(run, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def _wait_for(event, proc, what: str) -> None:
+    """Poll until event() is true; fail with the process's output if it exits first (or hangs)."""
+    deadline = time.monotonic() + HUNG
+    while not event():
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read()[-3000:])
+            raise AssertionError(f"exited ({proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} in {HUNG} s: hung")
+        time.sleep(0.005)
+
+
+def _wait_for_step(run, step, proc):
+    def reached():
         try:
-            if len(metrics(run)) >= step:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("run did not reach step %d" % step)
+            return len(metrics(run)) >= step
+        except (FileNotFoundError, json.JSONDecodeError):       # not yet written, or a line half-written
+            return False
+    _wait_for(reached, proc, f"step {step}")
 
 
 @pytest.mark.parametrize("fw,sig", [("jax", signal.SIGTERM), ("torch", signal.SIGINT)])
@@ -47,7 +56,7 @@ def test_preemption_signal_checkpoints_and_exits_0(tmp_path, fw, sig):
     p = _popen(f"hal={fw}", "trainer.steps=100000", "trainer.checkpoint_every=0", *FAST, f"run_dir={run}")
     _wait_for_step(run, 3, p)
     p.send_signal(sig)
-    out, _ = p.communicate(timeout=120)
+    out, _ = p.communicate(timeout=HUNG)
     assert p.returncode == 0, out[-3000:]
     stopped = [ln for ln in out.splitlines() if f"stopped by {signal.Signals(sig).name}" in ln]
     assert len(stopped) == 1
@@ -62,20 +71,35 @@ def test_preemption_signal_checkpoints_and_exits_0(tmp_path, fw, sig):
 
 
 def test_second_signal_exits_at_once_without_damage(tmp_path):
+    """A second SIGTERM while the first one's checkpoint is being written exits at once; the half-written
+    checkpoint is never read, the newest complete one is whole. The second signal is sent when that
+    checkpoint's temp directory appears: with trainer.checkpoint_every=0 only the first signal starts a
+    save, so its handler has run by then (two signals before it runs would count as one)."""
     run = tmp_path / "run"
-    slow = ["model=small", "trainer.global_batch=8", "trainer.seq_len=128"]      # steps of about a second
-    p = _popen("hal=torch", "trainer.steps=100000", "trainer.checkpoint_every=1", *slow, f"run_dir={run}")
-    _wait_for_step(run, 2, p)
-    p.send_signal(signal.SIGTERM)
-    time.sleep(0.3)            # mid-step (two signals sent together would arrive as one)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
+    slow = ["model=small", "trainer.global_batch=8", "trainer.seq_len=128", "trainer.async_save=false"]  # ~300 MB
+    r = cli("launch.train", "hal=torch", "trainer.steps=2", "trainer.checkpoint_every=1", *slow, f"run_dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = _popen("hal=torch", "trainer.steps=100000", "trainer.checkpoint_every=0", *slow, f"run_dir={run}")
+    try:
+        _wait_for_step(run, 3, p)
+        p.send_signal(signal.SIGTERM)
+        _wait_for(lambda: any(d.name.startswith(".tmp-") for d in (run / "checkpoints").iterdir()), p,
+                  "the checkpoint the first signal asked for")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=HUNG)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "second SIGTERM: exiting now" in out
-    # the newest complete checkpoint is whole: a resume uses it
+    assert "second SIGTERM: exiting now" in out and "stopped by" not in out
+    assert sorted(d.name for d in (run / "checkpoints").iterdir() if not d.name.startswith(".tmp-")) == ["1", "2"]
+    # the newest complete checkpoint is whole: a strict resume uses it
     r = cli("launch.train", "hal=torch", "trainer.steps=2", "trainer.checkpoint_every=1", *slow,
             "trainer.strict_resume=true", f"run_dir={run}")
     assert r.returncode == 0, r.stderr[-2000:]
+    starts = [ln for ln in (run / "train.log").read_text().splitlines() if "start at step" in ln]
+    assert "start at step 2 from" in starts[-1] and "checkpoints/2 " in starts[-1], starts
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +160,7 @@ def test_a_save_that_fails_half_way_keeps_earlier_checkpoints(two_checkpoints, t
     before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
     cmd = (f"ulimit -f 150; exec {sys.executable} -m launch.train hal=jax trainer.steps=6 "
            f"trainer.checkpoint_every=2 {' '.join(FAST)} run_dir={run}")
-    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     line = one_error_line(r, 3)
     assert "checkpoint at step" in line and "intact" in line
     after = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
@@ -144,7 +168,7 @@ def test_a_save_that_fails_half_way_keeps_earlier_checkpoints(two_checkpoints, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
     # policy "continue": training goes on to the end
     cmd = cmd.replace("trainer.steps=6", "trainer.steps=6 trainer.on_save_error=continue")
-    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(metrics(run)) == 6
 
@@ -156,7 +180,7 @@ def test_a_background_save_that_fails_stops_with_its_step(tmp_path, fw):
     run = tmp_path / "run"
     cmd = (f"ulimit -f 150; exec {sys.executable} -m launch.train hal={fw} trainer.steps=8 trainer.async_save=true "
            f"trainer.checkpoint_every=2 {' '.join(FAST)} run_dir={run}")
-    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     line = one_error_line(r, 3)
     assert "checkpoint at step 2 failed" in line and "latest: none" in line, line
     assert 2 <= len(metrics(run)) < 8
@@ -212,11 +236,11 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(tmp_path, fw):
                           *FAST, f"run_dir={run}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     try:
-        _wait_for_step(run, 3, p, timeout=240)
+        _wait_for_step(run, 3, p)
         children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
         os.kill(int(children[1]), signal.SIGTERM)            # one rank only
-        out, _ = p.communicate(timeout=240)
+        out, _ = p.communicate(timeout=HUNG)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
