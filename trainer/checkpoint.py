@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hal.base import CheckpointDamaged, StorageError, UserError, first_line
+from hal.base import CheckpointDamaged, StorageError, UserError, WrongModelError, first_line
 from trainer.storage import MANIFEST, LocalDir, Location, StoreDir, is_remote, location, storage_errors
 
 log = logging.getLogger("trichip")
@@ -368,9 +368,12 @@ def load(ckpt, backend, cache=None) -> dict:
 
 
 def _load(local: Path, backend, name, manifest: dict) -> None:
+    """backend.load checks the manifest against the model (WrongModelError) and verifies every tensor it reads
+    (hal.layout.verify: CheckpointDamaged); hal.store sorts read errors into damage and StorageError. What
+    reaches here unsorted is classified from its whole exception chain."""
     try:
-        found = backend.load(str(local / "state"), manifest["tensors"])
-    except (CheckpointDamaged, StorageError):
+        backend.load(str(local / "state"), manifest["tensors"], name=str(name))
+    except (CheckpointDamaged, StorageError, WrongModelError):
         raise
     except Exception as e:   # noqa: BLE001  (classified: proven damage, or storage that cannot be read)
         error = classify_read_error(e, name)
@@ -379,10 +382,6 @@ def _load(local: Path, backend, name, manifest: dict) -> None:
             raise StorageError(f"checkpoint {name} cannot be read ({denied}); it is not treated as damaged: fix "
                                f"the permissions and run again") from None
         raise error from None
-    for tensor, digest in found.items():
-        if manifest["tensors"][tensor]["digest"] != digest:
-            raise CheckpointDamaged(f"checkpoint {name}: tensor {tensor} does not match its manifest digest; "
-                                    f"the checkpoint is damaged")
 
 
 # What tensorstore and the OS say when a file is missing or its bytes are wrong (proven damage), as opposed to
