@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, metrics, train
+from tests.tolerances import LOSS_RTOL
 
 import subprocess
 
@@ -36,8 +37,11 @@ def losses(run_dir):
 
 
 def rel(a, b):
+    """The largest relative gap of loss curve a from b, printed beside its bound (pytest -s)."""
     assert len(a) == len(b)
-    return float((np.abs(a - b) / np.abs(b)).max())
+    gap = float((np.abs(a - b) / np.abs(b)).max())
+    print(f"max rel gap {gap:.2e} (bound {LOSS_RTOL:.0e})")
+    return gap
 
 
 def writer(run_dir, step):
@@ -59,34 +63,34 @@ def test_jax_mesh_on_8_devices_equals_single_device(single, tmp_path, mesh):
     override = "hal.mesh={" + ",".join(f"{k}:{v}" for k, v in mesh.items()) + "}"
     launch(tmp_path / "run", "hal=jax", override, env=EIGHT_DEVICES)
     assert writer(tmp_path / "run", STEPS)["mesh"] == mesh and writer(tmp_path / "run", STEPS)["device_count"] == 8
-    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= 1e-5
+    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= LOSS_RTOL
 
 
 def test_fsdp2_two_processes_equals_single_process(single, tmp_path):
     launch(tmp_path / "run", "hal=torch", "trainer.async_save=true", nproc=2)   # (auto blocks on CPUs)
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["comm_backend"] == "gloo" and w["mesh"]["fsdp"] == 2
-    assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= 1e-5
+    assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= LOSS_RTOL
 
 
 def test_fsdp2_hybrid_sharding(single, tmp_path):
     launch(tmp_path / "run", "hal=torch", "hal.mesh={data:2,fsdp:1}", nproc=2)
     assert writer(tmp_path / "run", STEPS)["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
-    assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= 1e-5
+    assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= LOSS_RTOL
 
 
 def test_multiprocess_jax_trains_and_checkpoints(single, tmp_path):
     launch(tmp_path / "run", "hal=jax", nproc=2)
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["device_count"] == 2
-    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= 1e-5
+    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= LOSS_RTOL
     # several writers: OCDBT (hal.store); one writer: a zarr array per tensor
     assert (tmp_path / "run" / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt").exists()
     assert not (single["jax"] / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt").exists()
     # and its checkpoint comes back on one process, resharded
     shutil.rmtree(tmp_path / "run" / "checkpoints" / str(STEPS))
     assert train(tmp_path / "run", "hal=jax", *COMMON)["start_step"] == 10
-    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= 1e-5
+    assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= LOSS_RTOL
 
 
 def _crash_at_10(src, dst):
@@ -101,7 +105,7 @@ def test_jax_8_devices_to_torch_2_processes_and_back(single, tmp_path):
     _crash_at_10(jax8, resumed)
     launch(resumed, "hal=torch", nproc=2)
     assert writer(resumed, STEPS)["framework"] == "torch"
-    assert rel(losses(resumed), losses(jax8)) <= 1e-4
+    assert rel(losses(resumed), losses(jax8)) <= LOSS_RTOL
 
     back = tmp_path / "back_on_jax"
     _crash_at_10(resumed, back)               # torch's step-10 checkpoint is the JAX one it resumed from
@@ -109,7 +113,7 @@ def test_jax_8_devices_to_torch_2_processes_and_back(single, tmp_path):
     shutil.copytree(_torch2_run(tmp_path) / "checkpoints" / "10", back / "checkpoints" / "10")
     launch(back, "hal=jax", "hal.mesh={fsdp:8}", env=EIGHT_DEVICES)
     assert writer(back, STEPS)["framework"] == "jax"
-    assert rel(losses(back)[10:], losses(_torch2_run(tmp_path))[10:]) <= 1e-4
+    assert rel(losses(back)[10:], losses(_torch2_run(tmp_path))[10:]) <= LOSS_RTOL
 
 
 def _torch2_run(tmp_path):
@@ -123,7 +127,7 @@ def _torch2_run(tmp_path):
 @pytest.mark.parametrize("fw", ["jax", "torch"])
 def test_activation_checkpointing_computes_the_same(single, tmp_path, fw):
     train(tmp_path / "remat", f"hal={fw}", *COMMON, "trainer.remat=true")
-    assert rel(losses(tmp_path / "remat"), losses(single[fw])) <= 1e-5
+    assert rel(losses(tmp_path / "remat"), losses(single[fw])) <= LOSS_RTOL
 
 
 def test_bf16_fsdp2_mixed_precision_trains(tmp_path):
