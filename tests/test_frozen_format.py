@@ -54,6 +54,7 @@ def _manifest(ckpt=FIXTURE) -> dict:
     return json.loads((Path(ckpt) / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_fixture_verifies_with_the_cli_and_a_damaged_copy_does_not(tmp_path):
     r = cli("launch.convert", "verify", str(FIXTURE))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
@@ -110,6 +111,7 @@ def test_the_digest_of_a_known_array_is_pinned(dtype, shape, expected):
             assert sum(digest(a[index], index, shape) for index in cut) % 2**64 == expected, (digest.__name__, cut)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_fixture_on_both_frameworks(tmp_path):
     """trainer.init_from=the fixture, two more steps on JAX and on PyTorch: the step count, the schedule
     and the optimizer's update count go on from step 4, and both frameworks compute the same losses."""
