@@ -48,14 +48,14 @@ def precheck(argv: list[str]) -> None:
     error, run_dir = config_error([a for a in argv if not a.startswith("hydra")])
     if error:
         _fail(error)
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        _fail(f"run dir {run_dir} is a file; choose a directory (run_dir=...)")
-    if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(run_dir):
-        from trainer.safety import RunLock
-        try:
+    from trainer.loop import check_run_dir
+    from trainer.safety import RunLock
+    try:
+        check_run_dir(run_dir)              # before Hydra writes into it: a foreign directory stays untouched
+        if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(run_dir):
             RunLock(run_dir).acquire()      # held until the process ends; train() takes it again
-        except UserError as e:
-            _fail(str(e), e.exit_code)
+    except UserError as e:
+        _fail(str(e), e.exit_code)
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -90,8 +90,10 @@ def tiny_run(tmp_path_factory):
 
 
 def _snapshot(path):
-    """Every file's mtime, except Hydra's record of the latest launch and the log (both are per launch)."""
-    return {p: p.stat().st_mtime_ns for p in path.rglob("*") if ".hydra" not in p.parts and p.suffix != ".log"}
+    """Every file's mtime, except Hydra's record of the latest launch, the log and the run dir's lock (which
+    names the launch holding it: a launch takes it before it may read the checkpoints it then refuses)."""
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")
+            if ".hydra" not in p.parts and p.suffix != ".log" and p.name != ".lock"}
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tiny_run, tmp_path):

@@ -267,7 +267,8 @@ def _fake_checkpoint(path: Path, step: int) -> Path:
     (path / "state" / "d").mkdir(parents=True)
     (path / "state" / "d" / "blob").write_bytes(os.urandom(3000))
     (path / "config.yaml").write_text("a: 1\n")
-    (path / "manifest.json").write_text(json.dumps({"format_version": 1, "step": step, "tensors": {}}))
+    (path / "manifest.json").write_text(json.dumps({"format_version": 1, "step": step,
+                                                         "tensors": {"d": {"shape": [1], "dtype": "uint8", "digest": 0}}}))
     return path
 
 

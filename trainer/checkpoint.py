@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hal.base import CheckpointDamaged, StorageError, UserError, WrongModelError, first_line
+from hal import layout
+from hal.base import CheckpointDamaged, Snapshot, UserError, first_line
 from trainer.storage import MANIFEST, LocalDir, Location, StoreDir, is_remote, location, storage_errors
 
 log = logging.getLogger("trichip")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = layout.FORMAT_VERSION
 __all__ = ["FORMAT_VERSION", "MANIFEST", "PendingSave", "checkpoint_root", "fetch", "is_checkpoint", "list_steps",
            "load", "location", "prune", "read_manifest", "remove", "resolve", "save", "scan", "is_remote"]
 
@@ -88,7 +89,7 @@ class PendingSave:
         except BaseException:
             self._cleanup()
             raise
-        self.held = getattr(write, "tensors", None)     # the snapshot, where the backend shows it (JAX)
+        self.held = write.held if isinstance(write, Snapshot) else None     # device copies the write reads
         if background:
             self._thread = threading.Thread(target=self._write, args=(write,), name=f"checkpoint-{step}",
                                             daemon=True)
@@ -114,7 +115,7 @@ class PendingSave:
 
     def _write(self, write) -> None:
         try:
-            self.written = write(str(self.tmp / "state"))
+            self.written = write(str(self.tmp / "state"))     # a hal.Snapshot, or a plain write function
         except BaseException as e:   # noqa: BLE001  (handed to finish(), on the training thread)
             self.error = e
 
@@ -335,25 +336,8 @@ def read_manifest(ckpt, name=None) -> dict:
         manifest = json.loads(raw)
     except ValueError as e:
         raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} is not JSON ({first_line(e, 120)})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} is not a trichip manifest (a JSON "
-                                f"{type(manifest).__name__}, not an object)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {name} has format version {manifest.get('format_version')!r}; "
-                        f"this trichip reads version {FORMAT_VERSION}")
-    _check_fields(manifest, name)
+    layout.check_manifest(manifest, name)
     return manifest
-
-
-def _check_fields(manifest: dict, name) -> None:
-    tensors = manifest.get("tensors")
-    if not isinstance(manifest.get("step"), int) or not isinstance(tensors, dict):
-        raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} lacks its step or tensor list")
-    for tensor, entry in tensors.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and
-                isinstance(entry.get("dtype"), str) and isinstance(entry.get("digest"), int)):
-            raise CheckpointDamaged(f"checkpoint {name}: {MANIFEST} entry of {tensor} is not a "
-                                    f"{{shape, dtype, digest}} record")
 
 
 def load(ckpt, backend, cache=None) -> dict:
@@ -368,68 +352,9 @@ def load(ckpt, backend, cache=None) -> dict:
 
 
 def _load(local: Path, backend, name, manifest: dict) -> None:
-    """backend.load checks the manifest against the model (WrongModelError) and verifies every tensor it reads
-    (hal.layout.verify: CheckpointDamaged); hal.store sorts read errors into damage and StorageError. What
-    reaches here unsorted is classified from its whole exception chain."""
-    try:
-        backend.load(str(local / "state"), manifest["tensors"], name=str(name))
-    except (CheckpointDamaged, StorageError, WrongModelError):
-        raise
-    except Exception as e:   # noqa: BLE001  (classified: proven damage, or storage that cannot be read)
-        error = classify_read_error(e, name)
-        denied = _first_unreadable(local / "state") if isinstance(error, CheckpointDamaged) else None
-        if denied is not None:      # orbax reports a file it may not open as missing: that is not damage
-            raise StorageError(f"checkpoint {name} cannot be read ({denied}); it is not treated as damaged: fix "
-                               f"the permissions and run again") from None
-        raise error from None
-
-
-# What tensorstore and the OS say when a file is missing or its bytes are wrong (proven damage), as opposed to
-# when it cannot be read at all (permissions, I/O, a full or unreachable device).
-_DAMAGE_WORDS = ("NOT_FOUND", "DATA_LOSS", "Not enough data", "FAILED_PRECONDITION", "decod", "Expected", "expected",
-                 "mismatch", "truncat", "corrupt",
-                 "Invalid", "invalid", "Error parsing", "out of range", "OUT_OF_RANGE")
-_UNREADABLE_WORDS = ("PERMISSION_DENIED", "Permission denied", "os_error_code=13", "os_error_code=1]",
-                     "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Input/output error", "EIO")
-
-
-def classify_read_error(e: BaseException, name) -> UserError:
-    """CheckpointDamaged when a tensor's files are missing or malformed; StorageError when they cannot be
-    read (a permission, an I/O error) or for a failure that proves nothing about the checkpoint."""
-    chain = _chain(e)
-    text = " ".join(str(x) for x in chain)
-    if any(isinstance(x, PermissionError) for x in chain) or any(w in text for w in _UNREADABLE_WORDS):
-        return StorageError(f"checkpoint {name} cannot be read ({first_line(e, 200)}); it is not treated as "
-                            f"damaged: fix the storage and run again")
-    if any(isinstance(x, (FileNotFoundError, KeyError, EOFError)) for x in chain) or \
-            any(w in text for w in _DAMAGE_WORDS):
-        return CheckpointDamaged(f"checkpoint {name}: its tensors are missing or malformed "
-                                 f"({first_line(chain[-1], 200)}); the checkpoint is damaged")
-    return StorageError(f"checkpoint {name} cannot be read ({type(e).__name__}: {first_line(e, 200)})")
-
-
-def _first_unreadable(root: Path) -> str | None:
-    """'<reason>: <path>' for the first directory or file under root this process may not read, else None."""
-    try:
-        for directory, _, files in os.walk(root, onerror=_raise):
-            for name in files:
-                open(os.path.join(directory, name), "rb").close()
-    except PermissionError as e:
-        return f"{e.strerror}: {e.filename}"
-    return None
-
-
-def _raise(e: OSError):
-    raise e
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """The exception and its causes (orbax wraps tensorstore's error, which says what happened)."""
-    out = [e]
-    while (e.__cause__ or e.__context__) is not None and len(out) < 8:
-        e = e.__cause__ or e.__context__
-        out.append(e)
-    return out
+    """backend.load checks the manifest against the model (WrongModelError), reads (hal.store sorts read errors
+    into CheckpointDamaged and StorageError) and verifies every tensor (hal.layout.verify)."""
+    backend.load(str(local / "state"), manifest["tensors"], name=str(name))
 
 
 @contextlib.contextmanager

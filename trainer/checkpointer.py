@@ -103,8 +103,11 @@ class Checkpointer:
             ckpt = self.root / str(step)
             try:
                 manifest = checkpoint.read_manifest(ckpt)
-                check_model(ckpt, manifest)
-                checkpoint.load(ckpt, self.backend, cache=self.run_dir / REMOTE_CACHE)
+                check_model(ckpt, manifest)          # another model: the user's to fix, never damage
+                try:
+                    checkpoint.load(ckpt, self.backend, cache=self.run_dir / REMOTE_CACHE)
+                except WrongModelError as e:        # the model matches, so tensors missing from it are damage
+                    raise CheckpointDamaged(str(e)) from None
                 self.adopt(manifest)
                 return manifest["step"], manifest, str(ckpt)
             except (WrongModelError, StorageError):

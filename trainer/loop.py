@@ -117,25 +117,29 @@ class Run:
         return self._ckpt_root
 
     def check_run_dir(self) -> None:
-        """A run dir is new, or one trichip made (it has run.json). Hydra's own files don't count."""
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise UserError(f"run dir {d} is a file; choose a directory (run_dir=...)")
-        if not d.is_dir() or (d / RUN_MARKER).is_file():
-            return
-        foreign = [p.name for p in d.iterdir() if p.name not in (".hydra", STAGING, REMOTE_CACHE)
-                   and not p.name.endswith(".log")]
-        if foreign:
-            raise UserError(f"run dir {d} is not a trichip run (no {RUN_MARKER}, holds {sorted(foreign)[:3]}); "
-                            f"choose a new directory with run_dir=...")
+        check_run_dir(self.run_dir)
 
-    def check_model(self, ckpt: Path, manifest: dict) -> None:
+    def check_model(self, ckpt, manifest: dict) -> None:
         theirs = manifest.get("model", {})
         ours = self.model.to_dict()
         diff = [f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
         if diff:
             raise WrongModelError(f"checkpoint {ckpt} was written for another model ({'; '.join(diff[:3])}); "
-                            f"use the model config it was trained with, or a new run")
+                                  f"use the model config it was trained with, or a new run")
+
+
+def check_run_dir(d: Path) -> None:
+    """A run dir is new, or one trichip made (it has run.json). Hydra's own files don't count."""
+    d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"run dir {d} is a file; choose a directory (run_dir=...)")
+    if not d.is_dir() or (d / RUN_MARKER).is_file():
+        return
+    foreign = [p.name for p in d.iterdir() if p.name not in (".hydra", ".lock", STAGING, REMOTE_CACHE)
+               and not p.name.endswith(".log")]
+    if foreign:
+        raise UserError(f"run dir {d} is not a trichip run (no {RUN_MARKER}, holds {sorted(foreign)[:3]}); "
+                        f"choose a new directory with run_dir=...")
 
 
 def _metrics_upto(path: Path, step: int) -> None:
@@ -187,11 +191,18 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
         return _precompile(backend, data, run, start_step)
     lock = RunLock(run.run_dir).acquire() if lead else None      # before anything is listed or read
     try:
-        ckpt = Checkpointer(run.ckpt_root, run.run_dir, _run_id(run, lead, backend.describe()), backend, keep=run.keep,
+        record = _run_record(run, backend.describe())
+        if lead and not (run.run_dir / RUN_MARKER).exists():    # a new run's id exists before it claims anything
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run.run_dir / RUN_MARKER, record)
+        ckpt = Checkpointer(run.ckpt_root, run.run_dir, record["run_id"], backend, keep=run.keep,
                             async_save=backend.async_save_default if run.async_save == "auto" else run.async_save,
                             on_save_error=run.on_save_error, config_yaml=config_yaml).acquire()
         try:
             start_step, source = _start_state(run, backend, ckpt)
+            if lead:        # only once the run is known to go ahead: a refused run leaves run.json as it was
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(run.run_dir / RUN_MARKER, record)
             return _train(run, data, backend, ckpt, start_step, source)
         finally:
             ckpt.release()
@@ -200,15 +211,14 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
             lock.release()
 
 
-def _run_id(run: Run, lead: bool, info: dict) -> str:
-    """This run's identity (run.json), made on its first start. A run dir that holds checkpoints resumes
-    only with the settings it was started with (checkpoint_dir, seed, data.path) unless
+def _run_record(run: Run, info: dict) -> dict:
+    """run.json as this run will write it: its identity (made on the first start) and the settings a resume
+    must keep (checkpoint_dir, seed, data.path), which a run dir holding checkpoints refuses to change unless
     trainer.allow_setting_changes=true."""
-    marker = run.run_dir / RUN_MARKER
-    record = _read_record(marker)
+    record = _read_record(run.run_dir / RUN_MARKER)
     settings = run.settings()
-    if record.get("run_id") and record.get("settings") not in (None, settings) and not run.allow_setting_changes:
-        if _has_checkpoints(run):
+    if record.get("run_id") and record.get("settings") not in (None, settings) and _has_checkpoints(run):
+        if not run.allow_setting_changes:
             theirs = record["settings"]
             changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in settings.items() if theirs.get(k) != v]
             raise UserError(f"run dir {run.run_dir} was started with other settings ({'; '.join(changed)}); "
@@ -217,10 +227,7 @@ def _run_id(run: Run, lead: bool, info: dict) -> str:
     record.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
     record.setdefault("first_writer", info)
     record.update(model=run.model.to_dict(), settings=settings)
-    if lead:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(marker, record)
-    return record["run_id"]
+    return record
 
 
 def _read_record(marker: Path) -> dict:
