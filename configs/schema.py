@@ -20,8 +20,9 @@ from models.errors import UserError, first_line
 
 
 def _choices(name: str, *values: str) -> type[enum.Enum]:
-    """An enum whose member names are the values a user types (OmegaConf matches by name)."""
-    return enum.Enum(name, {v: v for v in values})
+    """An enum whose member names are the values a user types (OmegaConf matches by name); its members are
+    also strings, so a composed DictConfig compares equal to the plain value (cfg.hal.framework == "jax")."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
 Framework = _choices("Framework", "jax", "torch")
