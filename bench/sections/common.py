@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import hal
+from configs.schema import OptimConfig
 from models.spec import reference_init
 
 ROOT = Path(__file__).resolve().parents[2]
-PEAK_LR, WARMUP = 3e-3, 30   # configs/optim/adamw.yaml
+PEAK_LR, WARMUP = OptimConfig.lr, OptimConfig.warmup_steps     # the run config's defaults (configs/schema.py)
 
 
 def med(xs):
@@ -72,10 +73,7 @@ def make_trichip(fw: str, cfg, precision: str):
 
 def compose(overrides) -> dict:
     """The run config exactly as `python -m launch.train OVERRIDES` builds it (as tests/conftest.py does)."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from omegaconf import OmegaConf
-    with initialize_config_module("configs", version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides))
-    cfg = OmegaConf.to_container(cfg, resolve=False)
+    from configs.schema import compose as compose_run
+    cfg = compose_run(overrides)
     cfg.pop("run_dir", None)
     return cfg
