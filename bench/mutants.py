@@ -154,7 +154,7 @@ def run_probe(copy: Path, probe: str) -> Outcome:
 
 def check_imports_from(copy: Path) -> None:
     """The copy's packages, not the repository's, are what the probes import."""
-    code = "import hal, models, trainer, launch; print(hal.__file__, models.__file__, trainer.__file__, launch.__file__)"
+    code = "import hal, models, trainer, launch as l; print(hal.__file__, models.__file__, trainer.__file__, l.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=dict(os.environ, PYTHONPATH=str(copy)),
                          check=True, capture_output=True, text=True).stdout.split()
     if not all(Path(f).resolve().is_relative_to(copy.resolve()) for f in out):

@@ -6,8 +6,8 @@ One update of a backend is checked from a state set through HostState (fresh, or
 and count) on a known gradient: the backend's own gradient of the mean loss over the global batch
 (read from a probe update, see backend_gradient), checked against torch autograd's on models.llama_torch
 over all rows at once (GRADIENT_RTOL). Per element, |delta_backend - delta_reference| <=
-OPTIMIZER_RTOL * (the size of the terms the update sums) plus two float32 roundings of the parameter. The reference uses none of hal/,
-trainer.schedule or models.spec.decays.
+OPTIMIZER_RTOL * (the size of the terms the update sums) plus two float32 roundings of the parameter.
+The reference uses none of hal/, trainer.schedule or models.spec.decays.
 """
 import dataclasses
 import functools
