@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -45,8 +45,10 @@ class HalConfig:
     framework: Framework = MISSING          # hal=jax | hal=torch | hal=trainium picks it
     platform: Platform = Platform.auto
     # Mesh axes (data, fsdp, tensor); -1 = the rest of the devices. null: the platform rule for
-    # instance_type (hal/mesh.py MESH_RULES), else data parallel over every device.
-    mesh: Optional[Dict[str, int]] = None
+    # instance_type (hal/mesh.py MESH_RULES), else data parallel over every device. Typed Any, not
+    # Optional[Dict[str, int]]: OmegaConf cannot merge a dict override into a None-valued typed dict
+    # (hal/mesh.py checks the axes and sizes).
+    mesh: Any = None
     mesh_rule: str = "auto"                 # auto | none | an instance type whose rule to use
     instance_type: Optional[str] = None     # default: $TRICHIP_INSTANCE_TYPE
     distributed: Any = "auto"               # JAX: jax.distributed.initialize(): auto | true | false
@@ -70,7 +72,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    rope_scaling: Optional[Dict[str, Any]] = None
+    rope_scaling: Any = None                # a dict (llama3 scaling) or null; Any for the reason given at hal.mesh
     initializer_range: float = 0.02
 
 

@@ -80,3 +80,6 @@ def test_unknown_keys_and_mixed_keys_are_one_line(override):
 def test_good_overrides_pass():
     assert config_error(["hal=torch", "hal.compile=true", "trainer.async_save=false", "optim.schedule=constant",
                          "trainer.on_save_error=continue", "hal.distributed=auto"])[0] is None
+    assert config_error(["hal.mesh={data:2,fsdp:4}", "model=llama3.2-1b"])[0] is None     # dict-valued keys
+    message, _ = config_error(["hal.mesh={data:x}"])
+    assert message is None or "\n" not in message          # the mesh's axes are checked when it is built
