@@ -260,8 +260,6 @@ def test_known_chip_peaks_are_the_dense_vendor_figures(kinds, tflops):
         assert peak_flops(kind, "bf16") == tflops * 1e12, kind
 
 
-@pytest.mark.xfail(strict=True, reason="JAX reports TPU v5p as 'TPU v5' on some runtimes (tpu_info.py accepts "
-                   "both); trainer/observe.py PEAK_TFLOPS matches 'TPU v5p' only, so MFU is missing there")
 def test_tpu_v5p_is_known_under_the_kind_jax_reports():
     """"`mfu` when the chip's peak is known" — TPU v5p under its other device-kind spelling."""
     from trainer.observe import peak_flops

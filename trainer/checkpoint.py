@@ -105,11 +105,11 @@ class PendingSave:
         try:
             write = self.backend.snapshot(copy=True)
         except (RuntimeError, MemoryError) as e:     # out of device or host memory for a second state
-            error = e
+            error = first_line(e, 160)    # the message only: the exception's frames would keep the partial copy
         if _on_any_process(self.backend, error is not None):      # every process takes the same path
             log.warning("checkpoint %d: no room for a background copy of the state (%s); this save blocks "
                         "training (trainer.async_save=false avoids the attempt)", self.step,
-                        first_line(error, 160) if error else "on another process")
+                        error or "on another process")
             return None
         return write
 

@@ -12,6 +12,7 @@ PEAK_TFLOPS = [
     ("H200", 989.0, 67.0), ("H100", 989.0, 67.0), ("A100", 312.0, 19.5), ("L4", 121.0, 30.3),
     ("TPU v5p", 459.0, None), ("TPU v6", 918.0, None), ("TPU v5 lite", 197.0, None), ("TPU v5e", 197.0, None),
     ("TPU v4", 275.0, None),
+    ("TPU v5", 459.0, None),     # v5p as some runtimes name it; after "TPU v5 lite" / "TPU v5e", which it would match
 ]
 
 
