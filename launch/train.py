@@ -52,8 +52,8 @@ def precheck(argv: list[str]) -> None:
     from trainer.safety import RunLock
     try:
         check_run_dir(run_dir)              # before Hydra writes into it: a foreign directory stays untouched
-        if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(run_dir):
-            RunLock(run_dir).acquire()      # held until the process ends; train() takes it again
+        if int(os.environ.get("RANK", "0")) == 0:
+            RunLock(run_dir).acquire()      # made if new; held until the process ends; train() takes it again
     except UserError as e:
         _fail(str(e), e.exit_code)
 

@@ -49,6 +49,7 @@ class Checkpointer:
         self.written: list[int] = []           # committed by this process, in order
         self.failures: list[str] = []
         self.lineage = [run_id]                # this run's id, then the ids of the runs it descends from
+        self.resumed_from: int | None = None   # the checkpoint the run started from, when it did
         self._locks: list[RunLock] = []
 
     # -- locks -------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class Checkpointer:
                 except WrongModelError as e:        # the model matches, so tensors missing from it are damage
                     raise CheckpointDamaged(str(e)) from None
                 self.adopt(manifest)
+                self.resumed_from = manifest["step"]
                 return manifest["step"], manifest, str(ckpt)
             except (WrongModelError, StorageError):
                 raise
@@ -201,9 +203,9 @@ class Checkpointer:
             return self.written[-1]
         try:
             good = [s for s in checkpoint.list_steps(self.root) if s not in self.damaged]
-        except UserError:
-            return None
-        return good[-1] if good else None
+        except UserError:          # the store cannot be listed now: what the run started from is intact
+            return self.resumed_from
+        return good[-1] if good else self.resumed_from
 
     def prune(self) -> None:
         """Keep the newest `keep` good checkpoints of this lineage up to the newest written; remove older ones

@@ -217,7 +217,7 @@ def _run_record(run: Run, info: dict) -> dict:
     trainer.allow_setting_changes=true."""
     record = _read_record(run.run_dir / RUN_MARKER)
     settings = run.settings()
-    if record.get("run_id") and record.get("settings") not in (None, settings) and _has_checkpoints(run):
+    if record.get("run_id") and record.get("settings") not in (None, settings) and _has_checkpoints(run, record):
         if not run.allow_setting_changes:
             theirs = record["settings"]
             changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in settings.items() if theirs.get(k) != v]
@@ -253,9 +253,15 @@ def _write_json(path: Path, value: dict) -> None:
         raise StorageError(f"cannot write {path}: {e.strerror}") from None
 
 
-def _has_checkpoints(run: Run) -> bool:
-    complete, unfinished = checkpoint.scan(run.ckpt_root)
-    return bool(complete or (unfinished and not run.ckpt_root.is_remote))
+def _has_checkpoints(run: Run, record: dict) -> bool:
+    """Whether the run holds checkpoints where it kept them so far (its recorded checkpoint_dir) or where
+    this launch would look."""
+    recorded = checkpoint.checkpoint_root(record["settings"].get("checkpoint_dir"), run.run_dir)
+    for root in {recorded, run.ckpt_root}:
+        complete, unfinished = checkpoint.scan(root)
+        if complete or (unfinished and not root.is_remote):
+            return True
+    return False
 
 
 def _start_state(run: Run, backend, ckpt: Checkpointer | None) -> tuple[int, str]:

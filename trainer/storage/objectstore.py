@@ -162,9 +162,15 @@ def _parallel(fn, items) -> None:
         for item in items:
             fn(item)
         return
-    with concurrent.futures.ThreadPoolExecutor(min(_WORKERS, len(items))) as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()          # the first failure is raised; the pool still finishes the others
+    pool = concurrent.futures.ThreadPoolExecutor(min(_WORKERS, len(items)))
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for future in futures:
+            if future in done and future.exception() is not None:
+                raise future.exception()
+    finally:        # after a failure the queued transfers are dropped: a dead store fails once, not per file
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _quiet(*loggers: str) -> None:
@@ -205,7 +211,8 @@ class S3Store(Store):
         except Exception as e:   # e.g. no region for a custom endpoint, a malformed endpoint URL
             raise UserError(f"s3://{bucket}: cannot set up the S3 client ({first_line(e)})") from None
         import boto3.s3.transfer
-        self.transfer_config = boto3.s3.transfer.TransferConfig(max_concurrency=4)
+        # one try per transfer in s3transfer too: trichip's _call retries, with a bound
+        self.transfer_config = boto3.s3.transfer.TransferConfig(max_concurrency=4, num_download_attempts=1)
 
     def _error(self, e: BaseException, what: str, key: str = "") -> Exception:
         """The exception to raise for a failed call: UserError for what the user fixes, else RemoteError."""
