@@ -211,9 +211,6 @@ def test_two_runs_racing_on_one_run_dir_one_proceeds(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="launch/train.py precheck locks only a run dir that exists already: on "
-                   "a new one Hydra of the run that is then refused has already written its .hydra/ into the "
-                   "directory of the run that holds the lock")
 def test_a_run_refused_on_a_new_run_dir_leaves_the_owners_config(runs, tmp_path):
     """Two runs on a run dir that does not exist yet, the second one's precheck done before the first made the
     directory: the first trains, the second exits 2, and .hydra/config.yaml is the first one's. The order is
@@ -469,9 +466,6 @@ def test_resume_false_and_changed_settings_are_refused(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainer/loop.py _run_id: _has_checkpoints(run) scans the new "
-                   "trainer.checkpoint_dir (empty), not where the run's checkpoints are, so the change is let "
-                   "through: the run starts from the reference init there and run.json's settings are overwritten")
 def test_changed_checkpoint_dir_is_refused(runs, tmp_path):
     """Another trainer.checkpoint_dir on a run dir whose checkpoints are in run_dir/checkpoints: exit 2,
     nothing changed, nothing written at the new place."""
@@ -691,8 +685,11 @@ def test_store_outage_of_2s_during_resume_is_ridden_out(s3, s3_base, runs, healt
         verify(f"s3://{BUCKET}/{STORE_PREFIX}/{step}")
 
 
+# A stalled call gives up after attempts x 2 boto3 tries x timeout + backoff (2 x 2 x 2 s + 0.5 s = 8.5 s here);
+# a failing run makes a few such calls before it exits (the failed transfer, the listing that names the latest
+# checkpoint). 40 s is generous for that and far from the minutes a wait per file or per retry loop would take.
 ATTEMPTS, TIMEOUT = 2, 2.0
-STALL_BOUND = 3 * ATTEMPTS * TIMEOUT + 10     # boto3 makes 2 tries of `timeout` per attempt, plus backoff and slack
+STALL_BOUND = 40.0
 
 
 def _ends_within(t: Training, since: float, bound: float) -> float:
@@ -705,18 +702,12 @@ def _ends_within(t: Training, since: float, bound: float) -> float:
     return time.time() - since
 
 
-DRAIN = ("trainer/storage/objectstore.py _parallel: after the first failed transfer the ThreadPoolExecutor still "
-         "runs every queued one, each waiting attempts x 2 x timeout on a stalled store (boto3 tries twice per "
-         "attempt): about 240 files / 8 workers x 8 s, ~4 min for the tiny model instead of ~attempts x timeout")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["start", pytest.param("download", marks=pytest.mark.xfail(strict=True,
-                                                                                            reason=DRAIN))])
+@pytest.mark.parametrize("where", ["start", "download"])
 def test_stalling_store_fails_within_attempts_x_timeout(s3, s3_base, healthy, where):
     """A store that accepts connections and never answers (from the start, or from the first tensor download
     on): the run fails with exit 3 within STALL_BOUND s of the stall (attempts=2, timeout=2 s), not minutes,
-    and changes nothing."""
+    after retrying (more than attempts x timeout), and changes nothing."""
     newest = store_steps(s3)[-1]
     objects, metrics_before = store_objects(s3), (s3_base / "metrics.jsonl").read_bytes()
     if where == "start":
@@ -736,8 +727,6 @@ def test_stalling_store_fails_within_attempts_x_timeout(s3, s3_base, healthy, wh
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=DRAIN + "; SIGTERM only asks the loop to stop after the step, which waits "
-                   "for the upload (trainer/safety.py StopRequest)")
 def test_sigterm_during_a_stalled_upload_ends_in_bounded_time(s3, s3_base, runs, healthy):
     """The upload of the run's final checkpoint stalls; SIGTERM then ends the process within STALL_BOUND s
     (attempts=2, timeout=2 s) with a non-zero exit, the earlier checkpoints intact and no partial one
@@ -748,7 +737,8 @@ def test_sigterm_during_a_stalled_upload_ends_in_bounded_time(s3, s3_base, runs,
     t = _on_store(s3_base, end, env=via(healthy, ATTEMPTS, TIMEOUT))
     wait_for(lambda: healthy.met("stall"), 180, "the stalled upload", t.proc)
     t.proc.send_signal(signal.SIGTERM)
-    _ends_within(t, time.time(), STALL_BOUND)
+    took = _ends_within(t, time.time(), STALL_BOUND)
+    print(f"SIGTERM during a stalled upload: the process ended {took:.1f}s later (bound {STALL_BOUND}s)")
     healthy.restore()
     assert t.returncode != 0, t.output[-3000:]
     assert store_steps(s3)[-1] == newest
@@ -760,9 +750,6 @@ def test_sigterm_during_a_stalled_upload_ends_in_bounded_time(s3, s3_base, runs,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainer/checkpointer.py Checkpointer.latest: when the store cannot be "
-                   "listed it returns None, so the failed save says 'latest: none' and run.json's "
-                   "last_run.latest_checkpoint is null though the run resumed from a checkpoint that is intact")
 def test_store_outage_during_an_upload_with_continue_names_the_latest(s3, s3_base, runs, healthy):
     """The store resets every connection from the first upload of the run's checkpoint on, with
     trainer.on_save_error=continue: exit 0, the earlier checkpoints intact, nothing partial visible; the same
