@@ -50,10 +50,15 @@ def precheck(argv: list[str]) -> None:
         _fail(error)
     from trainer.loop import check_run_dir
     from trainer.safety import RunLock
+    if any(a.startswith("hydra.run.dir=") for a in argv):
+        return      # Hydra names the directory itself
+    # A run_dir given on the command line is made and locked now; the default one (a timestamp Hydra resolves
+    # again a moment later) only when it exists already.
+    explicit = any(a.startswith("run_dir=") for a in argv)
     try:
         check_run_dir(run_dir)              # before Hydra writes into it: a foreign directory stays untouched
-        if int(os.environ.get("RANK", "0")) == 0:
-            RunLock(run_dir).acquire()      # made if new; held until the process ends; train() takes it again
+        if int(os.environ.get("RANK", "0")) == 0 and (explicit or os.path.isdir(run_dir)):
+            RunLock(run_dir).acquire()      # held until the process ends; train() takes it again
     except UserError as e:
         _fail(str(e), e.exit_code)
 
