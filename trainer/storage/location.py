@@ -78,18 +78,12 @@ class Location(abc.ABC):
         """The file's bytes; FileNotFoundError when it is not there."""
 
     @abc.abstractmethod
-    def write_bytes(self, rel: str, data: bytes) -> None: ...
-
-    @abc.abstractmethod
     def create(self, rel: str, data: bytes) -> bool:
         """Write the file only if it does not exist (atomically); False if it did."""
 
     @abc.abstractmethod
     def remove(self) -> None:
         """Delete this directory, manifest.json first."""
-
-    @abc.abstractmethod
-    def remove_file(self, rel: str) -> None: ...
 
     @abc.abstractmethod
     def publish(self, local: Path, replace: bool = False) -> None:
@@ -100,11 +94,6 @@ class Location(abc.ABC):
     @abc.abstractmethod
     def download(self, local: Path, require_manifest: bool = True) -> None:
         """Copy this directory into `local` (replacing it), manifest.json last."""
-
-    @contextlib.contextmanager
-    def local_copy(self, cache=None):
-        """A local directory holding this one's files: itself on a disk, a downloaded copy for a store."""
-        yield Path(str(self))
 
     def __str__(self) -> str:
         return self.url
@@ -177,16 +166,6 @@ class LocalDir(Location):
         except OSError as e:
             raise _storage_error(e, "read", self.path / rel) from None
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-
     def create(self, rel: str, data: bytes) -> bool:
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,9 +182,6 @@ class LocalDir(Location):
     def remove(self) -> None:
         (self.path / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
-
-    def remove_file(self, rel: str) -> None:
-        (self.path / rel).unlink(missing_ok=True)
 
     def publish(self, local: Path, replace: bool = False) -> None:
         """A rename. An existing directory is renamed aside first (`.old-<name>`), removed once the new one
@@ -299,30 +275,18 @@ class StoreDir(Location):
             raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.url}/{rel}")
         return store.read_bytes(self.join_key(rel))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        import tempfile
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(data)
-            f.flush()
-            self.store.upload_file(Path(f.name), self.join_key(rel))
-
     def create(self, rel: str, data: bytes) -> bool:
         return self.store.create(self.join_key(rel), data)
 
     def remove(self) -> None:
         self.store.delete_prefix(self.key, first=(MANIFEST,))
 
-    def remove_file(self, rel: str) -> None:
-        self.store.delete([self.join_key(rel)])
-
     def publish(self, local: Path, replace: bool = False) -> None:
         """Upload, manifest last. A store cannot rename, so a complete checkpoint already here is only
         replaced when the caller says it may be (a damaged one); it is then removed first."""
-        store = self.store
-        if store.exists(self.join_key(MANIFEST)) and not replace:
+        if self.store.exists(self.join_key(MANIFEST)) and not replace:
             raise FileExistsError(errno.EEXIST, f"{self.url} exists", self.url)
-        store.delete_prefix(self.key, first=(MANIFEST,))
-        store.upload_dir(local, self.key, last=(MANIFEST,))
+        self.upload(local)
 
     def upload(self, local: Path, commit: bool = True) -> None:
         """Upload a local directory here (replacing what is here, manifest first); commit=False leaves its
@@ -345,17 +309,11 @@ class StoreDir(Location):
             raise FileNotFoundError(errno.ENOENT, f"{self.url} was removed while it was being downloaded", self.url)
 
 
+@contextlib.contextmanager
 def storage_errors(what: str, where):
-    """A context that turns a store failure after its retries (RemoteError) into a StorageError."""
-    return _StorageErrors(what, where)
-
-
-class _StorageErrors(contextlib.AbstractContextManager):
-    def __init__(self, what: str, where):
-        self.what, self.where = what, where
-
-    def __exit__(self, kind, e, tb):
-        if isinstance(e, RemoteError):
-            raise StorageError(f"cannot {self.what} {self.where}: {e.strerror} (nothing was changed; "
-                               f"run again when the store answers)") from None
-        return False
+    """Turns a store failure after its retries (RemoteError) into a StorageError."""
+    try:
+        yield
+    except RemoteError as e:
+        raise StorageError(f"cannot {what} {where}: {e.strerror} (nothing was changed; "
+                           f"run again when the store answers)") from None
