@@ -340,12 +340,14 @@ def read_manifest(ckpt, name=None) -> dict:
     return manifest
 
 
-def load(ckpt, backend, cache=None) -> dict:
+def load(ckpt, backend, cache=None, manifest: dict | None = None) -> dict:
     """Restore a checkpoint into the backend (collective), verifying every tensor's shape, dtype and digest
     against the manifest. Returns the manifest. A remote checkpoint is downloaded into `cache` first.
-    Raises CheckpointDamaged for proven damage, StorageError when it cannot be read."""
+    Raises CheckpointDamaged for proven damage, StorageError when it cannot be read. `manifest`: the one the
+    caller already read (read_manifest), so it is not read twice."""
     loc = location(ckpt)
-    manifest = read_manifest(loc, ckpt)     # before any download: a damaged manifest costs nothing
+    if manifest is None:
+        manifest = read_manifest(loc, ckpt)     # before any download: a damaged manifest costs nothing
     with fetch(loc, cache, backend) as local:
         _load(local, backend, ckpt, manifest)
     return manifest

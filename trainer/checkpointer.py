@@ -106,7 +106,7 @@ class Checkpointer:
                 manifest = checkpoint.read_manifest(ckpt)
                 check_model(ckpt, manifest)          # another model: the user's to fix, never damage
                 try:
-                    checkpoint.load(ckpt, self.backend, cache=self.run_dir / REMOTE_CACHE)
+                    checkpoint.load(ckpt, self.backend, cache=self.run_dir / REMOTE_CACHE, manifest=manifest)
                 except WrongModelError as e:        # the model matches, so tensors missing from it are damage
                     raise CheckpointDamaged(str(e)) from None
                 self.adopt(manifest)

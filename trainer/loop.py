@@ -281,7 +281,7 @@ def _start_state(run: Run, backend, ckpt: Checkpointer | None) -> tuple[int, str
     elif run.init_from:
         manifest = checkpoint.read_manifest(run.init_ckpt)
         run.check_model(run.init_ckpt, manifest)
-        checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE)
+        checkpoint.load(run.init_ckpt, backend, cache=run.run_dir / REMOTE_CACHE, manifest=manifest)
         if run.init_weights_only:
             backend.set_state(HostState.fresh(backend.get_state().params))
             return 0, _describe_source(run.init_ckpt, manifest) + " (weights only)"
