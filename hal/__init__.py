@@ -13,8 +13,10 @@ from hal.base import (Backend, CheckpointDamaged, CheckpointSaveError, HostState
 FRAMEWORKS = ("jax", "torch")
 
 
-def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32", remat: bool = False) -> Backend:
-    """hal: the `hal` config group (framework, platform, mesh, ...)."""
+def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32", remat: bool = False,
+                 document_eos: int | None = None) -> Backend:
+    """hal: the `hal` config group (framework, platform, mesh, ...). document_eos: the end-of-document token
+    id when attention must stay inside each document of a packed window (positions restart per document)."""
     framework = hal.get("framework")
     common = dict(platform=hal.get("platform", "auto"), mesh=hal.get("mesh"),
                   mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"),
@@ -24,12 +26,13 @@ def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32"
         from hal.jax_backend import JaxBackend
         return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"),
                           compile_cache_dir=hal.get("compile_cache_dir"), attention=hal.get("attention", "auto"),
-                          **common)
+                          document_eos=document_eos, **common)
     if framework == "torch":
         _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")
         from hal.torch_backend import TorchBackend
         return TorchBackend(model, optim, precision, remat=remat, compile=bool(hal.get("compile", False)),
-                            compile_backend=hal.get("compile_backend", "inductor"), **common)
+                            compile_backend=hal.get("compile_backend", "inductor"), document_eos=document_eos,
+                            **common)
     raise UserError(f"unknown framework {framework!r}: use hal=jax or hal=torch")
 
 

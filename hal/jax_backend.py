@@ -128,7 +128,8 @@ class JaxBackend(Backend):
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto",
-                 compile_cache_dir: str | None = None, neuron_cfg: dict | None = None, attention: str = "auto"):
+                 compile_cache_dir: str | None = None, neuron_cfg: dict | None = None, attention: str = "auto",
+                 document_eos: int | None = None):
         super().__init__(model, optim, precision)
         self.hooks = None
         if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
@@ -142,7 +143,7 @@ class JaxBackend(Backend):
         _configure(jax, precision, compile_cache_dir)
         self._place_on_mesh(mesh, mesh_rule, instance_type)
         self.attention = _attention_impl(attention, self.platform, precision)
-        self._build_model(remat)
+        self._build_model(remat, document_eos)
         self._compile_functions()
         self.params = self.opt_state = None
 
@@ -162,12 +163,13 @@ class JaxBackend(Backend):
         batch_axes = meshlib.partition(("batch",), (self._batch_divisor(),), self.mesh_sizes)[0]
         self.batch_sharding = NamedSharding(self.mesh, P(None, batch_axes, None))
 
-    def _build_model(self, remat: bool) -> None:
+    def _build_model(self, remat: bool, document_eos: int | None) -> None:
         import jax.numpy as jnp
         from models.llama_jax import LlamaForCausalLM
         dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
         self.net = LlamaForCausalLM(self.model, dtype=dtype, remat=remat,
-                                    attention=None if self.attention == "xla" else self.attention)
+                                    attention=None if self.attention == "xla" else self.attention,
+                                    document_eos=document_eos)
         self.tx = adamw(self.optim, nest({k: len(s) == 2 for k, s in param_shapes(self.model).items()}))
 
     def _compile_functions(self) -> None:

@@ -53,7 +53,8 @@ class TorchBackend(Backend):
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32",
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, compile: bool = False,
-                 compile_backend: str = "inductor", neuron_cfg: dict | None = None):
+                 compile_backend: str = "inductor", neuron_cfg: dict | None = None,
+                 document_eos: int | None = None):
         super().__init__(model, optim, precision)
         import torch
         import torch.distributed as dist
@@ -80,16 +81,18 @@ class TorchBackend(Backend):
         self.process_index, self.process_count = distributed.initialize_torch(self.comm_backend, env)
         self.mesh_sizes, self.mesh_source = _fsdp_mesh(mesh, mesh_rule, instance_type, env.world_size)
         self._rows = RowShardStore(self.mesh_sizes, self.process_index, self._from_rank0)
-        self.net = self._build_net(remat, compile, compile_backend)
+        self.net = self._build_net(remat, compile, compile_backend, document_eos)
         self.opt = self._build_optimizer(optim)
 
-    def _build_net(self, remat: bool, compile: bool, compile_backend: str):
+    def _build_net(self, remat: bool, compile: bool, compile_backend: str, document_eos: int | None):
         """The model on this backend's device: FSDP2-sharded over several processes, compiled per block
-        with `compile` (as torchtitan does: one graph reused by every block)."""
+        with `compile` (as torchtitan does: one graph reused by every block). Document masks go through
+        flex_attention on CUDA (blocks across documents skipped), SDPA with a boolean mask elsewhere."""
         from models.llama_torch import LlamaForCausalLM
         with self._torch.device("meta"):
-            net = LlamaForCausalLM(self.model)
+            net = LlamaForCausalLM(self.model, document_eos)
         net.activation_checkpointing = remat
+        net.flex_attention = self.device.type == "cuda"
         self.device_mesh = None
         if compile:
             for layer in net.model.layers:

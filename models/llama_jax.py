@@ -3,6 +3,8 @@
 The parameter tree nests the Hugging Face names: params["model"]["layers"]["0"]["self_attn"]["q_proj"]
 ["weight"] is `model.layers.0.self_attn.q_proj.weight`, stored [out, in] exactly as HF stores it.
 Read top to bottom: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, the decoder.
+With `document_eos`, attention stays inside each document of a packed window and RoPE positions restart
+per document (models.spec.document_segments defines both).
 """
 from __future__ import annotations
 
@@ -49,9 +51,25 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # x: [B, T, heads, head_dim]; cos/sin: [T, head_dim]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    # x: [B, T, heads, head_dim]; cos/sin: [T, head_dim], or [B, T, head_dim] at per-document positions
+    index = (None, slice(None), None) if cos.ndim == 2 else (slice(None), slice(None), None)
+    cos, sin = cos[index], sin[index]
     return (x * cos + rotate_half(x) * sin).astype(x.dtype)
+
+
+def document_segments(tokens, eos_id: int):
+    """models.spec.document_segments in jnp: (segment ids, positions) int32 [B, T] of tokens [B, T]."""
+    is_eos = tokens == eos_id
+    segments = jnp.cumsum(is_eos, axis=-1, dtype=jnp.int32) - is_eos.astype(jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+    starts = jnp.concatenate([jnp.ones_like(is_eos[:, :1]), is_eos[:, :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return segments, index - first
+
+
+def document_mask(segments):
+    """bool [B, 1, T, T]: query i may read key j of its own document (causality is added by the caller)."""
+    return (segments[:, :, None] == segments[:, None, :])[:, None]
 
 
 class Attention(nn.Module):
@@ -60,7 +78,7 @@ class Attention(nn.Module):
     attention: str | None = None     # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
 
     @nn.compact
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, mask=None):
         cfg, hd = self.cfg, self.cfg.head_dim
         b, t, _ = x.shape
         h, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -70,8 +88,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Grouped-query attention (query head j reads kv head j // (h // kvh), as HF's repeat_kv does).
         # implementation None is XLA's (it materialises the scores); "cudnn" is cuDNN flash attention
-        # (GPUs, bf16/fp16), which the backend asks for on GPUs.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+        # (GPUs, bf16/fp16), which the backend asks for on GPUs. A document mask [B, 1, T, T] narrows the
+        # causal mask (cuDNN takes it as an additive bias).
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.attention)
         out = out.reshape(b, t, h * hd)
         return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
 
@@ -94,10 +113,10 @@ class DecoderLayer(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, mask=None):
         eps = self.cfg.rms_norm_eps
         x = x + Attention(self.cfg, self.dtype, self.attention, name="self_attn")(
-            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin)
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, mask)
         return x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
 
 
@@ -116,14 +135,19 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention: str | None = None
+    document_eos: int | None = None
 
     @nn.compact
     def __call__(self, tokens):
         cfg = self.cfg
         x = Embed(cfg, name="embed_tokens")(tokens).astype(self.dtype)
         cos, sin = (jnp.asarray(a, self.dtype) for a in rope_tables(cfg, tokens.shape[1]))
+        mask = None
+        if self.document_eos is not None:
+            segments, positions = document_segments(tokens, self.document_eos)
+            cos, sin, mask = cos[positions], sin[positions], document_mask(segments)
         layers = _Layers(cfg, self.dtype, self.remat, self.attention, name="layers")
-        return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(layers(x, cos, sin))
+        return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(layers(x, cos, sin, mask))
 
 
 class _Layers(nn.Module):
@@ -134,23 +158,26 @@ class _Layers(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, mask=None):
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(self.cfg.num_hidden_layers):
-            x = layer_cls(self.cfg, self.dtype, self.attention, name=str(i))(x, cos, sin)
+            x = layer_cls(self.cfg, self.dtype, self.attention, name=str(i))(x, cos, sin, mask)
         return x
 
 
 class LlamaForCausalLM(nn.Module):
-    """tokens [B, T] int32 -> logits [B, T, vocab] float32."""
+    """tokens [B, T] int32 -> logits [B, T, vocab] float32.
+
+    document_eos: the end-of-document token id of packed windows, or None (one causal sequence per row)."""
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention: str | None = None
+    document_eos: int | None = None
 
     @nn.compact
     def __call__(self, tokens):
-        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, name="model")
+        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, self.document_eos, name="model")
         h = decoder(tokens)
         if self.cfg.tie_word_embeddings:
             w = decoder.variables["params"]["embed_tokens"]["weight"]

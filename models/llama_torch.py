@@ -2,6 +2,9 @@
 
 Module names reproduce Hugging Face's `LlamaForCausalLM`, so `state_dict()` keys are the canonical names
 (`model.layers.0.self_attn.q_proj.weight`, ...) and nn.Linear already stores weights [out, in].
+With `document_eos`, attention stays inside each document of a packed window and RoPE positions restart
+per document (models.spec.document_segments defines both): through SDPA with a boolean mask, or through
+flex_attention with a block mask (`flex_attention = True`, what the backend sets on CUDA).
 """
 from __future__ import annotations
 
@@ -30,8 +33,47 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # x: [B, heads, T, head_dim]; cos/sin: [T, head_dim]
+    # x: [B, heads, T, head_dim]; cos/sin: [T, head_dim], or [B, 1, T, head_dim] at per-document positions
     return x * cos + rotate_half(x) * sin
+
+
+def document_segments(tokens, eos_id: int):
+    """models.spec.document_segments in torch: (segment ids, positions) long [B, T] of tokens [B, T]."""
+    is_eos = (tokens == eos_id).long()
+    segments = is_eos.cumsum(-1) - is_eos
+    index = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
+    starts = torch.cat([torch.ones_like(is_eos[:, :1]), is_eos[:, :-1]], dim=-1).bool()
+    first = torch.where(starts, index, 0).cummax(-1).values
+    return segments, index - first
+
+
+def document_mask(segments):
+    """bool [B, 1, T, T]: query i may read key j <= i of its own document (for SDPA's attn_mask)."""
+    t = segments.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+def document_block_mask(segments):
+    """The same mask as a flex_attention BlockMask: blocks with no allowed pair are never computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (segments[b, q] == segments[b, kv]) & (kv <= q)
+    b, t = segments.shape
+    return create_block_mask(same_document_causal, b, None, t, t, device=segments.device)
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa: bool):
+    """torch.nn.attention.flex_attention, compiled once (uncompiled it materializes every score)."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _compiled_flex_attention = torch.compile(flex, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):
@@ -44,7 +86,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         b, t, _ = x.shape
         cfg, hd = self.cfg, self.cfg.head_dim
         q = self.q_proj(x).view(b, t, cfg.num_attention_heads, hd).transpose(1, 2)
@@ -52,8 +94,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa: query head j reads kv head j // (heads / kv_heads), as HF's repeat_kv does.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
+        gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, torch.Tensor):      # document_mask: causality included
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:                                     # document_block_mask
+            out = flex_attention(q, k, v, mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -76,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,15 +137,19 @@ class Decoder(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """tokens [B, T] long -> logits [B, T, vocab] float32."""
+    """tokens [B, T] long -> logits [B, T, vocab] float32.
 
-    def __init__(self, cfg: LlamaConfig):
+    document_eos: the end-of-document token id of packed windows, or None (one causal sequence per row)."""
+
+    def __init__(self, cfg: LlamaConfig, document_eos: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.document_eos = document_eos
         self.model = Decoder(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.flex_attention = False     # document masks through flex_attention (else SDPA with a bool mask)
         self._rope: dict = {}
 
     def rope(self, seq_len: int, device, dtype):
@@ -111,11 +162,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, tokens):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(tokens.shape[1], x.device, x.dtype)
+        mask = None
+        if self.document_eos is not None:
+            segments, positions = document_segments(tokens, self.document_eos)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]
+            mask = document_block_mask(segments) if self.flex_attention else document_mask(segments)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         h = self.model.norm(x)
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         return F.linear(h, w).float()

@@ -162,6 +162,24 @@ def rope_tables(cfg: LlamaConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
+def document_segments(tokens, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document structure of packed token windows [..., T]: (segment ids, positions), int32, tokens' shape.
+
+    An end-of-document token `eos_id` belongs to the document it ends; the token after it starts the
+    next. segment[i] counts the EOS tokens before i; position[i] is i minus the index where segment[i]
+    starts. Attention from i to j is allowed when j <= i and segment[j] == segment[i]; RoPE uses position[i].
+    """
+    tokens = np.asarray(tokens)
+    is_eos = tokens == eos_id
+    segments = np.cumsum(is_eos, axis=-1) - is_eos
+    index = np.broadcast_to(np.arange(tokens.shape[-1]), tokens.shape)
+    starts = np.zeros(tokens.shape, bool)
+    starts[..., 0] = True
+    starts[..., 1:] = is_eos[..., :-1]
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    return segments.astype(np.int32), (index - first).astype(np.int32)
+
+
 def reference_init(cfg: LlamaConfig, seed: int) -> dict[str, np.ndarray]:
     """The one initialisation both frameworks start from: float32 NumPy arrays, a pure function of the seed.
 
