@@ -105,7 +105,7 @@ def main() -> None:
         out["describe"] = {k: v for k, v in backend.describe().items()
                            if k in ("platform", "devices", "versions", "attention")}
         out["attention"] = out["describe"].get("attention")
-        data = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size)
+        data = TokenData("builtin:python_docs", a.seq_len, 0)
         accum = a.global_batch // a.micro_batch
         times, losses, pending, beside = [], [], None, []
         for step in range(a.steps):

@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     a = p.parse_args()
     cfg = SIZES[a.model]
-    tokens = TokenData("builtin:python_docs", a.seq_len, 0, cfg.vocab_size).train_batch(0, a.global_batch)
+    tokens = TokenData("builtin:python_docs", a.seq_len, 0).train_batch(0, a.global_batch)
     tokens = tokens.reshape(1, a.global_batch, a.seq_len + 1)
     b = backend_for(a.framework, cfg, a.precision)
     (profile_jax if a.framework == "jax" else profile_torch)(b, tokens, a.steps)

@@ -32,6 +32,7 @@ Precision = _choices("Precision", "fp32", "bf16")
 Schedule = _choices("Schedule", "cosine", "linear", "constant")
 OnNonFinite = _choices("OnNonFinite", "stop", "skip")
 OnSaveError = _choices("OnSaveError", "stop", "continue")
+VocabPolicy = _choices("VocabPolicy", "check", "tokenizer", "pad128")
 
 
 @dataclass
@@ -78,8 +79,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = MISSING                     # builtin:python_docs, or a token file from launch.prepare_data
-    eval_fraction: float = 0.05             # the held-out tail of the data, never trained on
+    # builtin:python_docs, a dataset directory from launch.prepare_data, or one on s3:// / gs:// (staged
+    # into the cache); null when `sources` is given. Each data/ option sets both.
+    path: Optional[str] = MISSING
+    # a mixture instead of `path`: a list of {path: ..., weight: ..., name: ...}; Any for the reason at hal.mesh
+    sources: Any = MISSING
+    tokenizer: Optional[str] = None         # builtin corpus: bytes | train-bpe:N | a tokenizer.json; a dataset: checked
+    vocab: VocabPolicy = VocabPolicy.check  # model.vocab_size: check it covers the tokenizer | set it | pad to 128s
+    document_mask: bool = False             # attention stays inside each packed document; positions restart
+    mixture_block_steps: int = 0            # steps over which mixture weights are exact; 0 = the fewest that are
+    eval_fraction: float = 0.05             # the held-out tail of each source, never trained on
 
 
 @dataclass

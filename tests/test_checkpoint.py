@@ -192,7 +192,7 @@ def test_async_snapshot_is_the_state_when_taken(tmp_path, backend):
     torch updates its tensors in place) does not change what the write then stores — here the write runs
     only after two more steps. Then the same through PendingSave's background thread."""
     from trainer.data import TokenData
-    data = TokenData("builtin:python_docs", 32, 0, SIZES["tiny"].vocab_size)
+    data = TokenData("builtin:python_docs", 32, 0)
     batch = lambda step: data.train_batch(step, 4).reshape(1, 4, 33)  # noqa: E731
     backend.set_state(_state(seed=4, count=2))
     backend.train_step(batch(0), 1e-3)                # compiled (JAX) before the snapshot

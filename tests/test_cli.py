@@ -8,7 +8,7 @@ import pytest
 
 from models.spec import LlamaConfig, flops_per_token
 from tests.conftest import ROOT, cli, metrics
-from trainer.data import builtin_token_file
+from trainer.data import builtin_text
 
 HUNG = 3600     # seconds: a bound for a hung run only; on a loaded machine 200 steps take many minutes
 
@@ -30,11 +30,14 @@ def test_default_training_beats_the_unigram_baseline(tmp_path):
     assert (run / ".hydra" / "config.yaml").exists() and (run / "run.json").exists()
 
 
-def _unigram_entropy_of_the_train_split() -> float:
-    """Cross-entropy (nats/token) of predicting each token of the built-in corpus's train part (the first
-    95%, data.eval_fraction's default) by its frequency there: what a model that ignores context scores."""
-    tokens = np.load(builtin_token_file("python_docs"))
-    counts = np.bincount(tokens[: int(len(tokens) * 0.95)])
+def _unigram_entropy_of_the_train_split(seq_len: int = 128) -> float:
+    """Cross-entropy (nats/token) of predicting each token of the built-in corpus's train part by its
+    frequency there: what a model that ignores context scores. The train part is the windows of seq_len + 1
+    tokens (stepping by seq_len) before the held-out 5% (data.eval_fraction's default) and the one-window gap."""
+    tokens = np.append(np.frombuffer(builtin_text("python_docs").encode(), np.uint8), 256)
+    windows = (len(tokens) - 1) // seq_len
+    train = windows - max(1, round(windows * 0.05)) - 1
+    counts = np.bincount(tokens[: train * seq_len + 1])
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -44,10 +47,10 @@ def test_prepare_data_then_train_on_it(tmp_path):
     texts.mkdir()
     for i in range(3):
         (texts / f"doc{i}.txt").write_text(("The quick brown fox jumps over the lazy dog. " * 40 + f"{i}\n") * 5)
-    r = cli("launch.prepare_data", str(tmp_path / "tok.npy"), str(texts))
+    r = cli("launch.prepare_data", str(tmp_path / "tok"), str(texts))
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "tok.json").read_text())["vocab_size"] == 257
-    r = cli("launch.train", "hal=jax", "data=tokens", f"data.path={tmp_path / 'tok.npy'}", "trainer.steps=3",
+    assert json.loads((tmp_path / "tok" / "dataset.json").read_text())["tokenizer"]["vocab_size"] == 257
+    r = cli("launch.train", "hal=jax", "data=tokens", f"data.path={tmp_path / 'tok'}", "trainer.steps=3",
             "trainer.seq_len=32", f"run_dir={tmp_path}/run")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(metrics(tmp_path / "run")) == 3
@@ -66,7 +69,7 @@ def _fails_cleanly(r, *needles):
 @pytest.mark.parametrize("args,needles", [
     (["hal=tpu9000"], ["hal/tpu9000", "jax", "torch"]),
     (["model=huge"], ["model/huge", "tiny"]),
-    (["data.path=/nonexistent/tokens.npy"], ["/nonexistent/tokens.npy", "prepare_data"]),
+    (["data.path=/nonexistent/tokens"], ["/nonexistent/tokens", "prepare_data"]),
     (["data=tokens"], ["data.path"]),
     (["trainer.global_batch=10", "trainer.micro_batch=4"], ["trainer.global_batch (10)", "trainer.micro_batch (4)"]),
     (["trainer.seq_len=0"], ["trainer.seq_len"]),

@@ -32,6 +32,7 @@ from configs.schema import validate
 from trainer import checkpoint
 from trainer.checkpointer import REMOTE_CACHE, STAGING, Checkpointer
 from trainer.data import TokenData
+from trainer.tokenizer import padded_vocab
 from trainer.observe import Scalars, peak_flops
 from trainer.safety import RunLock, StopRequest
 from trainer.schedule import learning_rate
@@ -47,7 +48,7 @@ _RANGES = {("trainer", "steps"): (0, None), ("trainer", "global_batch"): (1, Non
            ("trainer", "keep_checkpoints"): (1, None), ("optim", "lr"): (0.0, 3.0e38),
            ("optim", "warmup_steps"): (0, None), ("optim", "min_lr_ratio"): (0.0, 1.0), ("optim", "b1"): (0.0, 1.0),
            ("optim", "b2"): (0.0, 1.0), ("optim", "eps"): (0.0, 1.0), ("optim", "weight_decay"): (0.0, 10.0),
-           ("optim", "max_grad_norm"): (1e-12, 1e12)}
+           ("optim", "max_grad_norm"): (1e-12, 1e12), ("data", "mixture_block_steps"): (0, None)}
 _AUTO_OR_BOOL = (("trainer", "async_save"), ("hal", "distributed"))
 
 
@@ -104,8 +105,9 @@ class Run:
 
     def settings(self) -> dict:
         """What a resumed run must keep (trainer.allow_setting_changes=true lets it change them)."""
+        d = self.cfg["data"]
         return {"checkpoint_dir": self.cfg["trainer"]["checkpoint_dir"], "seed": self.seed,
-                "data.path": self.cfg["data"]["path"]}
+                "data.path": d["path"], "data.sources": d["sources"], "data.tokenizer": d["tokenizer"]}
 
     def lr(self, count: int) -> float:
         return learning_rate(count, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.steps,
@@ -178,10 +180,14 @@ def _redirect_logging(bar):
 
 def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     """Run (or resume) training; returns a summary. Raises UserError for anything the user must change."""
+    check_config(cfg)
+    data = open_data(cfg)
+    cfg = _with_vocab(cfg, data)
     run = Run(cfg, run_dir)
-    data = TokenData(cfg["data"]["path"], run.seq_len, run.seed, run.model.vocab_size, cfg["data"]["eval_fraction"])
+    data.check_vocab(run.model.vocab_size)
     t = cfg["trainer"]
-    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat)
+    masked = {"document_eos": data.eos_id} if cfg["data"]["document_mask"] else {}
+    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat, **masked)
     backend.check_batch(run.micro_batch)
     lead = backend.process_index == 0
     if not lead:
@@ -217,10 +223,10 @@ def _run_record(run: Run, info: dict) -> dict:
     trainer.allow_setting_changes=true."""
     record = _read_record(run.run_dir / RUN_MARKER)
     settings = run.settings()
-    if record.get("run_id") and record.get("settings") not in (None, settings) and _has_checkpoints(run, record):
+    theirs = record.get("settings") or {}
+    changed = [f"{k} {theirs[k]!r} -> {v!r}" for k, v in settings.items() if k in theirs and theirs[k] != v]
+    if record.get("run_id") and changed and _has_checkpoints(run, record):
         if not run.allow_setting_changes:
-            theirs = record["settings"]
-            changed = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in settings.items() if theirs.get(k) != v]
             raise UserError(f"run dir {run.run_dir} was started with other settings ({'; '.join(changed)}); "
                             f"use its own, a new run_dir, or trainer.allow_setting_changes=true")
     record.setdefault("run_id", uuid.uuid4().hex)
@@ -296,6 +302,22 @@ def _describe_source(ckpt, manifest: dict) -> str:
             f"mesh {w.get('mesh')})")
 
 
+def open_data(cfg: dict) -> TokenData:
+    d, t = cfg["data"], cfg["trainer"]
+    return TokenData(d["path"], t["seq_len"], cfg["seed"], d["eval_fraction"], sources=d["sources"],
+                     tokenizer=d["tokenizer"], mixture_block_steps=d["mixture_block_steps"])
+
+
+def _with_vocab(cfg: dict, data: TokenData) -> dict:
+    """data.vocab=tokenizer|pad128: the model's vocab_size from the data's tokenizer (padded to a multiple of
+    128, as published checkpoints do for speed)."""
+    policy, size = cfg["data"]["vocab"], data.tokenizer["vocab_size"]
+    if policy == "check":
+        return cfg
+    vocab = size if policy == "tokenizer" else padded_vocab(size)
+    return dict(cfg, model=dict(cfg["model"], vocab_size=vocab))
+
+
 def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: int, source: str) -> dict:
     info = backend.describe()
     report = Report(run, backend, info, start_step)
@@ -339,10 +361,10 @@ def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
     m = backend.train_step(tokens, lr)
     dt = time.perf_counter() - t0
     done = step + 1
-    eval_loss = None
+    extra = _epochs(data.epochs(done, run.global_batch))
     if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
-        eval_loss = evaluate(backend, data, run)
-    report.step(done, m, lr, dt, eval_loss)
+        extra.update(evaluate(backend, data, run))
+    report.step(done, m, lr, dt, extra)
     if m.skipped:
         if run.on_nonfinite == "stop":
             raise NonFiniteError(f"non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}) at step "
@@ -409,15 +431,15 @@ class Report:
                 if exc[1] is None:
                     raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
 
-    def step(self, done: int, m, lr: float, dt: float, eval_loss: float | None) -> None:
+    def step(self, done: int, m, lr: float, dt: float, extra: dict) -> None:
+        """One metrics line: the step's numbers plus `extra` (epochs; eval_loss, eval_bpb when evaluated)."""
         last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
                 "tokens_per_s": self.run.tokens_per_step / dt, "step_time_s": dt}
         if self.peak:
             last["mfu"] = self.flops_per_token * last["tokens_per_s"] / (self.peak * self.devices)
         if m.skipped:
             last["skipped"] = True
-        if eval_loss is not None:
-            last["eval_loss"] = eval_loss
+        last.update(extra)
         self.last = last
         if not self.lead:
             return
@@ -438,6 +460,8 @@ class Report:
                 line += f" | MFU {100 * last['mfu']:.1f}%"
             if "eval_loss" in last:
                 line += f" | eval_loss {last['eval_loss']:.4f}"
+            if last.get("eval_bpb") is not None:
+                line += f" | eval_bpb {last['eval_bpb']:.4f}"
             log.info(line)
         if self.bar:
             extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
@@ -493,8 +517,26 @@ def _precompile(backend, data: TokenData, run: Run, start_step: int) -> dict:
             "precompile": True}
 
 
-def evaluate(backend, data: TokenData, run: Run) -> float:
-    """Mean held-out loss over trainer.eval_batches global batches, at the train step's micro-batch shape."""
-    tokens = [data.eval_batch(i, run.global_batch) for i in range(run.eval_batches)]
-    batch = np.stack(tokens).reshape(run.eval_batches * run.accum, run.micro_batch, run.seq_len + 1)
-    return backend.eval_loss(batch)
+def evaluate(backend, data: TokenData, run: Run) -> dict:
+    """Held-out loss and bits per byte over trainer.eval_batches global batches of each source, at the
+    train step's micro-batch shape; with several sources also per source (`eval_loss/NAME`), and overall
+    as the mixture's weighted mean."""
+    out, weights = {}, [s.weight for s in data.sources]
+    for k, src in enumerate(data.sources):
+        tokens = [data.eval_batch(i, run.global_batch, source=k) for i in range(run.eval_batches)]
+        batch = np.stack(tokens).reshape(run.eval_batches * run.accum, run.micro_batch, run.seq_len + 1)
+        loss = backend.eval_loss(batch)
+        suffix = f"/{src.name}" if len(data.sources) > 1 else ""
+        out[f"eval_loss{suffix}"], out[f"eval_bpb{suffix}"] = loss, data.bits_per_byte(loss, k)
+    if len(data.sources) > 1:
+        for key in ("eval_loss", "eval_bpb"):
+            parts = [out[f"{key}/{s.name}"] for s in data.sources]
+            out[key] = None if None in parts else float(np.average(parts, weights=weights))
+    return out
+
+
+def _epochs(epochs: dict) -> dict:
+    """Metrics keys for the epochs: `epoch` for one source, `epoch/NAME` for each of a mixture's."""
+    if len(epochs) == 1:
+        return {"epoch": next(iter(epochs.values()))}
+    return {f"epoch/{name}": e for name, e in epochs.items()}

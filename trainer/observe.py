@@ -51,9 +51,9 @@ class Scalars:
         if worker is not None and not worker.is_alive():
             self.writer = None
             raise OSError(f"the TensorBoard event writer for {self.logdir} stopped (a full disk?)")
-        for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-            if key in values:
-                self.writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", values[key], step)
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(_tag(key), value, step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -61,3 +61,10 @@ class Scalars:
                 self.writer.close()
             except OSError as e:
                 log.warning("TensorBoard events in %s could not be flushed: %s", self.logdir, e.strerror or e)
+
+
+def _tag(key: str) -> str:
+    """metrics.jsonl key -> TensorBoard tag: eval_loss/web -> eval/loss/web, epoch -> train/epoch."""
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return f"train/{key}"

@@ -168,7 +168,7 @@ def measure(fw: str, size: str, opts, data: TokenData, tmp: Path, kept: list) ->
 
 def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
     rows, rows_split, rows_async, rows_layout, out, kept = [], [], [], [], {}, []
-    data = TokenData("builtin:python_docs", opts.seq_len, 0, 257)
+    data = TokenData("builtin:python_docs", opts.seq_len, 0)
     for size in opts.ckpt_models:
         for fw in ("jax", "torch"):
             print(f"[ckpt] {fw} {size} ...", flush=True)

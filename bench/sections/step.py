@@ -199,7 +199,7 @@ def run_worker(job: str, opts) -> dict | None:
 def worker(job: str, opts) -> None:
     kind, fw, size, precision = job.split(":")[:4]
     assert kind == "step", job
-    data = TokenData("builtin:python_docs", opts.seq_len, 0, 257)
+    data = TokenData("builtin:python_docs", opts.seq_len, 0)
     tmp = Path(tempfile.mkdtemp(prefix="trichip-bench-worker-"))
     try:
         r = bench_step(fw, size, precision, opts, data, tmp, with_loop=precision == "fp32" or opts.loop_all)
@@ -211,7 +211,7 @@ def worker(job: str, opts) -> None:
 def run_configs(opts) -> dict:
     """Every framework x model x precision (and the torch tiny fp32 row with OMP_WAIT_POLICY=PASSIVE), each
     in its own worker process."""
-    TokenData("builtin:python_docs", opts.seq_len, 0, 257)   # tokenize the corpus once, before the workers
+    TokenData("builtin:python_docs", opts.seq_len, 0)   # tokenize the corpus once, before the workers
     configs = []
     for size in opts.models:
         for fw in ("jax", "torch"):
