@@ -69,13 +69,59 @@ def comm_backend(platform: str, process_group_backend: str | None = None) -> str
 
 
 def initialize_torch(backend: str, env: LaunchEnv) -> tuple[int, int]:
-    """Join torch's process group when launched as several processes; returns (rank, world size)."""
+    """Join torch's process group when launched as several processes, and make the host group beside it
+    (`host_group`); returns (rank, world size)."""
     if not env.multi_process:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group(backend)
+    host_group()
     return dist.get_rank(), env.world_size
+
+
+_HOST_GROUP = {}
+
+
+def host_group():
+    """The process group for collectives on host (CPU) tensors and objects: the default group when it is
+    gloo, else a gloo group over the same ranks. Device backends (nccl, xla, neuron) may have no CPU
+    implementation ("No backend type associated with device type cpu"). Made on the first call, which
+    every rank must reach at the same point (initialize_torch makes it)."""
+    import torch.distributed as dist
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world
+    if world not in _HOST_GROUP:
+        _HOST_GROUP[world] = dist.new_group(backend="gloo")
+    return _HOST_GROUP[world]
+
+
+def sum_over_ranks(values):
+    """The element-wise uint64 sum (wrapping) of a NumPy uint64 array over all ranks (collective, on the
+    host group). Sent as 32-bit halves in int64 tensors: gloo has no unsigned 64-bit sum."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    halves = torch.from_numpy(np.ascontiguousarray(values, np.uint64).view(np.uint32).astype(np.int64))
+    parts = [torch.zeros_like(halves) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, halves, group=host_group())
+    stacked = np.stack([p.numpy().astype(np.uint32) for p in parts])
+    return stacked.view(np.uint64).sum(axis=0, dtype=np.uint64)
+
+
+def from_rank0(value):
+    """Rank 0's picklable `value`, on every rank (collective, on the host group)."""
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=host_group())
+    return box[0]
+
+
+def host_barrier() -> None:
+    """Every rank waits for all the others (collective, on the host group)."""
+    import torch.distributed as dist
+    dist.barrier(group=host_group())
 
 
 def free_port() -> int:

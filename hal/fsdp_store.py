@@ -3,7 +3,8 @@
 Each rank's rows of a tensor (FSDP2 shards dim 0) become that rank's shard of a global jax.Array on a
 CPU mesh (data, fsdp) over the same ranks, so every rank writes and reads only its own rows, and the
 checkpoint is the one format every backend reads. A tensor whose dim 0 the fsdp axis does not divide is
-written and read whole (replicated). JAX runs on the host CPU only, its processes joined through
+written and read whole (replicated). Without FSDP2 (torch-neuronx over torch_xla) the mesh is
+(data=ranks, fsdp=1): every rank holds, and reads, the whole tensor; orbax writes each array once. JAX runs on the host CPU only, its processes joined through
 jax.distributed, whose coordinator port rank 0 picks and shares over torch's process group.
 """
 from __future__ import annotations
@@ -27,6 +28,18 @@ class RowShardStore:
 
     def row_sharded(self, shape: tuple) -> bool:
         return len(shape) > 0 and shape[0] % self.fsdp == 0
+
+    def local_parts(self, tensors: dict) -> dict:
+        """{name: (global shape, the tensor this rank writes)} of {name: torch tensor}: an FSDP2 DTensor's
+        own rows, or its whole value where the fsdp axis does not divide dim 0 (gathered now: a
+        collective); a plain tensor (no FSDP2: every process holds the whole state) as it is."""
+        parts = {}
+        for name, t in tensors.items():
+            shape = tuple(t.shape)
+            if hasattr(t, "full_tensor"):
+                t = t.to_local() if self.row_sharded(shape) else t.full_tensor()
+            parts[name] = (shape, t)
+        return parts
 
     def start(self):
         """Start JAX on the CPU over every rank (collective; idempotent) and return the mesh. Call it on the

@@ -34,9 +34,28 @@ def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | 
     raise UserError(f"hal.platform={platform!r} is not one of auto, cpu, gpu, neuron for hal=torch")
 
 
-def _fsdp_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, world: int) -> tuple[dict, str]:
+def _keep_jax_on_the_host() -> None:
+    """Checkpoints go through orbax, i.e. JAX, on the host CPU. Unless told otherwise JAX starts every
+    backend it finds: a CUDA JAX takes the GPU's memory, and with libneuronxla installed a `neuron` PJRT
+    client claims NeuronCores this process's torch uses. So a torch process pins JAX to the CPU before
+    JAX is imported; a process that has imported JAX already (a tool or test using both frameworks)
+    chose its platforms itself."""
+    import sys
+    if "jax" not in sys.modules:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _fsdp_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, world: int,
+               fsdp2: bool = True) -> tuple[dict, str]:
     """The (data, fsdp) mesh and where it came from. torch has no tensor parallelism here: a tensor axis
-    asked for in hal.mesh is an error; a platform rule's (e.g. Trainium's TP inside a chip) folds into fsdp."""
+    asked for in hal.mesh is an error; a platform rule's (e.g. Trainium's TP inside a chip) folds into fsdp.
+    Without FSDP2 (torch-neuronx over torch_xla) every process holds the whole state: data parallel only."""
+    if not fsdp2:
+        if mesh and any(mesh.get(axis, 1) != 1 for axis in ("fsdp", "tensor")):
+            raise UserError(f"this torch stack has no FSDP2 (every process holds the whole state): set "
+                            f"hal.mesh.fsdp=1 and hal.mesh.tensor=1 (mesh {dict(mesh)})")
+        return ({"data": world, "fsdp": 1, "tensor": 1},
+                "replicated: data parallel over every process (this stack has no FSDP2)")
     sizes, source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), world)
     if sizes["tensor"] == 1:
         return sizes, source
@@ -66,8 +85,9 @@ class TorchBackend(Backend):
         if platform == "neuron":
             self.hooks = neuron.setup("torch", precision, neuron_cfg, instance_type, env.local_rank,
                                       env.local_world_size)
-            compile_backend = self.hooks.compile_backend or compile_backend
+            compile, compile_backend = neuron.compile_choice(self.hooks, compile, compile_backend)
         self.platform, self.device = _select_device(platform, env.local_rank, self.hooks)
+        _keep_jax_on_the_host()
         if self.platform == "gpu":
             # checkpoints go through orbax, i.e. JAX (on the host CPU here): a CUDA JAX in this process must
             # not take the GPU's memory up front as it does by default (before JAX starts: no effect after)
@@ -79,7 +99,8 @@ class TorchBackend(Backend):
         self.distributed = env.multi_process
         self.comm_backend = distributed.comm_backend(self.platform, self.hooks and self.hooks.process_group_backend)
         self.process_index, self.process_count = distributed.initialize_torch(self.comm_backend, env)
-        self.mesh_sizes, self.mesh_source = _fsdp_mesh(mesh, mesh_rule, instance_type, env.world_size)
+        self.mesh_sizes, self.mesh_source = _fsdp_mesh(mesh, mesh_rule, instance_type, env.world_size,
+                                                       fsdp2=self.hooks is None or self.hooks.supports_fsdp2)
         self._rows = RowShardStore(self.mesh_sizes, self.process_index, self._from_rank0)
         self.net = self._build_net(remat, compile, compile_backend, document_eos)
         self.opt = self._build_optimizer(optim)
@@ -116,10 +137,8 @@ class TorchBackend(Backend):
             lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps, **fused)
 
     def _from_rank0(self, value):
-        """Rank 0's `value`, on every rank (collective)."""
-        box = [value]
-        self._dist.broadcast_object_list(box, src=0)
-        return box[0]
+        """Rank 0's `value`, on every rank (collective, on the host group)."""
+        return distributed.from_rank0(value)
 
     def _fully_shard(self, net):
         """FSDP2: one unit per decoder block, the root (embeddings, final norm, head) last."""
@@ -157,15 +176,39 @@ class TorchBackend(Backend):
         from torch._dynamo.utils import counters
         return {"graphs": int(counters["stats"]["unique_graphs"])}
 
-    def _optimizer_step(self) -> None:
+    def _reduced_gradients(self) -> list:
+        """The gradients, averaged over the replicas before anything reads them (a norm of one rank's own
+        gradients differs from rank to rank): FSDP2 reduced them in its backward; on torch_xla,
+        xm.reduce_gradients all-reduces them here (what xm.optimizer_step would do after the clipping)."""
         if self.hooks is not None and self.hooks.optimizer_step is neuron.OptimizerStep.XM:
             import torch_xla.core.xla_model as xm
-            xm.optimizer_step(self.opt)        # all-reduces gradients over the replicas, then steps
-        else:
-            self.opt.step()
+            xm.reduce_gradients(self.opt)
+        return [p.grad for p in self.net.parameters()]
+
+    def _clip(self, grads: list, norm) -> None:
+        """Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm. The norm
+        stays a device tensor (no host read, so no cut in torch_xla's lazy graph); each rank scales its
+        own part (an FSDP2 shard, or the whole replicated gradient)."""
+        torch = self._torch
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        over = norm > self.optim.max_grad_norm
+        one = torch.ones_like(norm)
+        torch._foreach_div_(local, torch.where(over, norm, one))
+        torch._foreach_mul_(local, torch.where(over, torch.full_like(norm, self.optim.max_grad_norm), one))
+
+    def _to_host(self, *values) -> list[float]:
+        """Device scalars as floats, in one transfer. On torch_xla the pending graph (forward, backward,
+        gradient reduction, norm, clipping) runs first, as one graph."""
         if self.hooks is not None and self.hooks.step_barrier is neuron.StepBarrier.TORCH_XLA_SYNC:
             import torch_xla
-            torch_xla.sync()                   # cut the lazy graph here: one compiled step per step
+            torch_xla.sync()
+        return self._torch.stack([v.float() for v in values]).cpu().tolist()
+
+    def _optimizer_step(self) -> None:
+        self.opt.step()
+        if self.hooks is not None and self.hooks.step_barrier is neuron.StepBarrier.TORCH_XLA_SYNC:
+            import torch_xla
+            torch_xla.sync()                   # cut the lazy graph here: the optimizer update is one graph
 
     def describe(self) -> dict:
         torch = self._torch
@@ -183,7 +226,7 @@ class TorchBackend(Backend):
         """A full host array -> a tensor laid out like parameter p (a DTensor shard under FSDP2)."""
         torch = self._torch
         t = torch.from_numpy(np.array(full, np.float32, copy=True)).to(self.device)
-        if self.distributed:
+        if self.device_mesh is not None:       # FSDP2; without it every process holds the whole tensor
             from torch.distributed.tensor import distribute_tensor
             t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
         return t
@@ -256,12 +299,8 @@ class TorchBackend(Backend):
         CPU) so training may go on; `write` moves it to the host and writes it. Under FSDP2 every rank
         writes only its own rows (hal.fsdp_store)."""
         count = np.asarray(self._count(), layout.COUNT_DTYPE)
-        local = {}
-        for name, t in self._sharded_tensors().items():
-            # a dim 0 FSDP2 cannot split evenly: gathered now (a collective: this thread, not `write`)
-            whole = self.distributed and not self._rows.row_sharded(tuple(t.shape))
-            v = t.full_tensor() if whole else self._local(t)
-            local[name] = (tuple(t.shape), v.detach().clone() if copy else v.detach())
+        local = {name: (shape, v.detach().clone() if copy else v.detach())
+                 for name, (shape, v) in self._rows.local_parts(self._sharded_tensors()).items()}
         if self.distributed:
             self._rows.start()          # JAX's processes join here, on the training thread
         to_host = self._host_copy(local, copy)
@@ -328,18 +367,11 @@ class TorchBackend(Backend):
                     self.opt.state[p] = {"step": self._step_tensor(count), "exp_avg": mu, "exp_avg_sq": nu}
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
-        if not self.distributed:
-            return values
-        torch = self._torch
-        halves = torch.from_numpy(np.ascontiguousarray(values, np.uint64).view(np.uint32).astype(np.int64))
-        parts = [torch.zeros_like(halves) for _ in range(self.process_count)]
-        self._dist.all_gather(parts, halves)
-        stacked = np.stack([p.numpy().astype(np.uint32) for p in parts])
-        return stacked.view(np.uint64).sum(axis=0, dtype=np.uint64)
+        return distributed.sum_over_ranks(values) if self.distributed else values
 
     def barrier(self, name: str) -> None:
         if self.distributed:
-            self._dist.barrier()
+            distributed.host_barrier()
 
     # -- compute -------------------------------------------------------------------------------
     def _mine(self, tokens: np.ndarray):
@@ -373,19 +405,15 @@ class TorchBackend(Backend):
             loss = self._loss(micro)
             (loss / accum).backward()        # FSDP2 averages gradients over ranks in its reduce-scatter
             total += loss.detach()
-        grads = [p.grad for p in self.net.parameters()]
+        grads = self._reduced_gradients()
         grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss = float(self._mean_over_ranks(total / accum))
-        norm = float(grad_norm)
+        self._clip(grads, grad_norm)
+        loss, norm = self._to_host(self._mean_over_ranks(total / accum), grad_norm)
         # A non-finite loss or gradient never reaches the state: the update (and its count) is skipped.
         skipped = not (np.isfinite(loss) and np.isfinite(norm))
         if not skipped:
-            # Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm.
-            if norm > self.optim.max_grad_norm:
-                torch._foreach_div_(grads, norm)
-                torch._foreach_mul_(grads, self.optim.max_grad_norm)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self._optimizer_step()

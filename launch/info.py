@@ -7,7 +7,8 @@ import json
 import sys
 
 from hal import jax_devices, torch_devices
-from hal.neuron import INSTALL as NEURON_INSTALL, NeuronProbe
+from hal.mesh import instance_type as configured_instance_type
+from hal.neuron import INSTALL as NEURON_INSTALL, NeuronProbe, jax_install, verdict
 
 
 def _version(dist: str) -> str | None:
@@ -29,12 +30,13 @@ def report() -> dict:
         "tpu": {"jax": bool(jax_dev.get("tpu")), "torch": False,
                 "install": "pip install 'jax[tpu]' on a Cloud TPU VM (hal=jax only)"},
         "neuron": {"jax": probe.jax_plugin, "torch": probe.torch_neuron_device or probe.torch_xla,
-                   "install": f"{NEURON_INSTALL['torchneuron']}; {NEURON_INSTALL['jax-pjrt']} "
-                              f"(on a Trainium instance)"},
+                   "install": f"trn2/trn3: {NEURON_INSTALL['torchneuron']}; any Trainium: "
+                              f"{jax_install(versions['jax'])}; trn1 with torch: {NEURON_INSTALL['torch-xla']}"},
     }
+    instance = configured_instance_type(None)
     return {"python": sys.version.split()[0], "versions": {k: v for k, v in versions.items() if v},
             "devices": {"jax": jax_dev, "torch": torch_dev, "neuron_devices": probe.neuron_devices},
-            "targets": targets}
+            "targets": targets, "trainium": {"instance_type": instance, **verdict(probe, instance)}}
 
 
 def main(argv=None) -> int:
@@ -52,6 +54,15 @@ def main(argv=None) -> int:
         ok = t["jax"] or t["torch"]
         print(f"{name:8} {'yes' if t['jax'] else 'no':8} {'yes' if t['torch'] else 'no':10} "
               f"{'ready' if ok else t['install']}")
+    trn = info["trainium"]
+    print(f"trainium ({trn['instance_type'] or 'instance type not set: $TRICHIP_INSTANCE_TYPE'}):")
+    for framework in ("torch", "jax"):
+        v = trn[framework]
+        if v["stack"] is None:
+            print(f"  hal={framework}: no stack: {v['why']}")
+        else:
+            print(f"  hal={framework}: {v['stack']} ({', '.join(v['families'])}; {v['release']}); tested here "
+                  f"without Trainium: {v['tested_here']}; never ran on Trainium: {v['never_ran']}")
     return 0
 
 
