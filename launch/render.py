@@ -10,6 +10,12 @@ Writes the Kubernetes manifest that runs `launch.train` on a cluster, as YAML (s
                  (--instance trn1.32xlarge|trn2.48xlarge --nodes N)
   gpu            PyTorchJob over 8-GPU nodes (--cloud eks: p5.48xlarge, --cloud gke: a3-highgpu-8g),
                  `torchrun --nproc-per-node 8 -m launch.train hal=torch hal.platform=gpu ...` (--nodes N)
+  skypilot       a SkyPilot task YAML (resources.accelerators, num_nodes, the train command) for a planner
+                 target (--target 8xh100 | p5.48xlarge | tpu-v5p-128 | trn2.48xlarge | 32xtrn2 ...)
+
+TPU slices take Google's accelerator types with Google's meaning (--accelerator-type v5p-128: v5p counts
+TensorCores, 2 a chip, so 64 chips; v6e-16: 16 chips); the instance type the pods get is that name with a
+"tpu-" prefix (tpu-v5p-128).
 
 Every pod mounts the PersistentVolumeClaim --pvc (default trichip-runs; it must be ReadWriteMany,
 e.g. Filestore, FSx for Lustre, EFS) at /runs, and the run directory is /runs/<name> unless the
@@ -225,17 +231,67 @@ def render_gpu(args, name: str, overrides: list[str]) -> dict:
     return pytorchjob(name, args.nodes, pod)
 
 
+# SkyPilot accelerator names (`sky show-gpus`); TPU slices are named by their accelerator type.
+SKYPILOT_ACCELERATORS = {"h100": "H100", "h200": "H200", "trn1": "Trainium", "trn2": "Trainium2"}
+
+
+def render_skypilot(args, name: str, overrides: list[str]) -> dict:
+    """A SkyPilot task (docs.skypilot.co/en/latest/reference/yaml-spec.html): one node per instance (a TPU
+    slice is one node whose hosts all run `run`). Multi-node torch runs start torchrun on every node from
+    SkyPilot's SKYPILOT_NODE_RANK / SKYPILOT_NODE_IPS / SKYPILOT_NUM_NODES."""
+    from launch.planner import load_catalog
+    t = args.parsed_target
+    spec = load_catalog()["chips"][t.chip]
+    resources: dict = {}
+    if t.chip in ("v5e", "v5p", "v6e"):
+        gen = "v5litepod" if t.chip == "v5e" else t.chip
+        resources["accelerators"] = f"tpu-{gen}-{t.instance_type.rsplit('-', 1)[1]}"
+        resources["infra"] = "gcp"
+        run = shlex.join(["python", "-m", "launch.train", *overrides])
+        nodes = 1
+    else:
+        per_node = t.chips // t.nodes
+        resources["accelerators"] = f"{SKYPILOT_ACCELERATORS[t.chip]}:{per_node}"
+        if t.instance_type and t.nodes * per_node == t.chips and t.instance_type in TRAINIUM_OR_GPU_INSTANCES:
+            resources["instance_type"] = t.instance_type
+            resources["infra"] = "gcp" if t.instance_type.startswith("a3-") else "aws"
+        nodes = t.nodes
+        nproc = per_node * spec["devices_per_chip"]
+        run = ('MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n1)\n'
+               f"torchrun --nnodes $SKYPILOT_NUM_NODES --nproc-per-node {nproc} --node-rank $SKYPILOT_NODE_RANK "
+               f"--master-addr $MASTER_ADDR --master-port 29500 -m launch.train {shlex.join(overrides)}")
+    task = {"name": name, "num_nodes": nodes, "resources": resources, "workdir": ".",
+            "envs": {"PYTHONUNBUFFERED": "1", **(TRAINIUM[t.instance_type]["env"] if t.instance_type in TRAINIUM
+                                                  else {})},
+            "setup": args.setup, "run": run + "\n"}
+    return task
+
+
+TRAINIUM_OR_GPU_INSTANCES = ("p5.48xlarge", "p5e.48xlarge", "a3-highgpu-8g", "a3-megagpu-8g", "a3-ultragpu-8g",
+                             "trn1.32xlarge", "trn2.48xlarge")
+
+
 def fixed_overrides(args) -> list[str]:
     """The overrides a target sets itself: the framework, platform and instance type its nodes need."""
     if args.target == "gke-tpu":
-        return ["hal=jax", "hal.distributed=true", f"hal.instance_type=tpu-{args.tpu}-{args.chips}"]
+        from launch.planner import tpu_instance_type
+        return ["hal=jax", "hal.distributed=true", f"hal.instance_type={tpu_instance_type(args.tpu, args.chips)}"]
+    if args.target == "skypilot":
+        t = args.parsed_target
+        if t.chip in ("v5e", "v5p", "v6e"):
+            return ["hal=jax", "hal.distributed=true", f"hal.instance_type={t.instance_type}"]
+        platform = "neuron" if t.chip.startswith("trn") else "gpu"
+        return ["hal=torch", f"hal.platform={platform}"] + ([f"hal.instance_type={t.instance_type}"]
+                                                              if t.instance_type else [])
     if args.target == "eks-trainium":
         return ["hal=torch", "hal.platform=neuron", f"hal.instance_type={args.instance}"]
     return ["hal=torch", "hal.platform=gpu", f"hal.instance_type={args.instance}"]
 
 
 def default_name(args, model: str) -> str:
-    if args.target == "gke-tpu":
+    if args.target == "skypilot":
+        chips = args.parsed_target.name
+    elif args.target == "gke-tpu":
         chips = f"{args.tpu}-{args.chips}"
     elif args.target == "eks-trainium":
         chips = f"{args.instance.split('.')[0]}-{args.nodes}"
@@ -288,13 +344,15 @@ def render(args) -> tuple[str, dict]:
     name = args.name or default_name(args, str(cfg.model.name))
     check_name(name)
     if not any(override_key(o) == "run_dir" for o in user):
-        user.append(f"run_dir={RUNS_MOUNT}/{name}")
+        user.append(f"run_dir={'runs' if args.target == 'skypilot' else RUNS_MOUNT}/{name}")
     overrides = fixed + user
     compose(overrides)   # the command's overrides, exactly as the pods will pass them
     if args.target == "gke-tpu":
         return name, render_gke_tpu(args, name, overrides)
     if args.target == "eks-trainium":
         return name, render_eks_trainium(args, name, overrides)
+    if args.target == "skypilot":
+        return name, render_skypilot(args, name, overrides)
     return name, render_gpu(args, name, overrides)
 
 
@@ -319,7 +377,8 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m launch.render", description=__doc__.split("\n\n", 1)[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="target", required=True, metavar="{gke-tpu,eks-trainium,gpu}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="target", required=True, metavar="{gke-tpu,eks-trainium,gpu,skypilot}",
+                           parser_class=_Parser)
 
     def target(name: str, about: str) -> argparse.ArgumentParser:
         t = sub.add_parser(name, help=about, description=about)
@@ -334,7 +393,9 @@ def parser() -> argparse.ArgumentParser:
 
     tpu = target("gke-tpu", "JobSet over one TPU slice on GKE (hal=jax, one process per TPU host)")
     tpu.add_argument("--tpu", choices=sorted(TPU), default="v5p")
-    tpu.add_argument("--chips", type=int, required=True, help="chips in the slice (v5p: 4, 8, 16, ...)")
+    tpu.add_argument("--chips", type=int, help="chips in the slice (v5p: 4, 8, 16, ...)")
+    tpu.add_argument("--accelerator-type", help="Google's name instead of --tpu/--chips: v5p-128 (TensorCores: "
+                                                "64 chips), v6e-16 (16 chips)")
     tpu.add_argument("--topology", help="slice shape, e.g. 2x2x4 (default: the usual shape for --chips)")
 
     trn = target("eks-trainium", "PyTorchJob over Trainium nodes on EKS (hal=torch, one process per NeuronCore)")
@@ -346,13 +407,45 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("--instance", help="eks: p5.48xlarge (default), p5e.48xlarge; "
                                         "gke: a3-highgpu-8g (default), a3-megagpu-8g")
     gpu.add_argument("--nodes", type=int, default=1)
+
+    sky = target("skypilot", "SkyPilot task YAML for a planner target (sky launch FILE)")
+    sky.add_argument("--target", dest="target_name", required=True, help="an instance type, TPU accelerator type or NxCHIP "
+                                                     "(as python -m launch.plan takes them)")
+    sky.add_argument("--setup", default="pip install -e '.[jax,torch]'", help="the task's setup command")
     return p
+
+
+def parse_tpu_args(args) -> None:
+    """--accelerator-type (Google's naming) or --tpu/--chips, into args.tpu and args.chips."""
+    if args.accelerator_type:
+        from launch.planner import tpu_slice
+        from models.errors import UserError
+        if args.chips:
+            raise UsageError("give --accelerator-type or --chips, not both")
+        try:
+            found = tpu_slice(args.accelerator_type)
+        except UserError as e:
+            raise UsageError(f"--accelerator-type {e}") from None
+        if not found or found[0] not in TPU:
+            raise UsageError(f"--accelerator-type {args.accelerator_type!r}: give v5p-N (TensorCores) or v6e-N (chips)")
+        args.tpu, args.chips = found[0], found[1]
+    elif args.chips is None:
+        raise UsageError("give --chips N (chips in the slice) or --accelerator-type (e.g. v5p-128)")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     args = parser().parse_args(argv)
     if getattr(args, "nodes", 1) < 1:
         raise UsageError(f"--nodes {args.nodes}: give at least 1 node")
+    if args.target == "gke-tpu":
+        parse_tpu_args(args)
+    if args.target == "skypilot":
+        from launch.planner import load_catalog, parse_target
+        from models.errors import UserError
+        try:
+            args.parsed_target = parse_target(args.target_name, load_catalog())
+        except UserError as e:
+            raise UsageError(f"--target {e}") from None
     if args.target == "gke-tpu" and args.chips < 1:
         raise UsageError(f"--chips {args.chips}: give the slice's chip count (v5p: 4, 8, 16, ...)")
     if args.target == "gpu":

@@ -175,7 +175,7 @@ def test_gke_tpu_jobset(tmp_path):
     assert container["command"][:3] == ["python", "-m", "launch.train"]
     cfg = compose(train_overrides(container["command"]))
     assert cfg["hal"]["framework"] == "jax" and cfg["hal"]["distributed"] is True
-    assert cfg["hal"]["instance_type"] == "tpu-v5p-16"
+    assert cfg["hal"]["instance_type"] == "tpu-v5p-32"   # Google's accelerator type: 16 chips = 32 TensorCores
     assert (cfg["model"]["name"], cfg["trainer"]["steps"]) == ("small", 1000)
     assert f"run_dir=/runs/{manifest['metadata']['name']}" in container["command"]
     assert meshlib.choose(None, "auto", cfg["hal"]["instance_type"], 16)[1].startswith("mesh rule")
