@@ -4,8 +4,9 @@ Each rank's rows of a tensor (FSDP2 shards dim 0) become that rank's shard of a 
 CPU mesh (data, fsdp) over the same ranks, so every rank writes and reads only its own rows, and the
 checkpoint is the one format every backend reads. A tensor whose dim 0 the fsdp axis does not divide is
 written and read whole (replicated). Without FSDP2 (torch-neuronx over torch_xla) the mesh is
-(data=ranks, fsdp=1): every rank holds, and reads, the whole tensor; orbax writes each array once. JAX runs on the host CPU only, its processes joined through
-jax.distributed, whose coordinator port rank 0 picks and shares over torch's process group.
+(data=ranks, fsdp=1): every rank holds, and reads, the whole tensor; orbax writes each array once.
+JAX runs on the host CPU only, its processes joined through jax.distributed, whose coordinator port
+rank 0 picks and shares over torch's host (gloo) group.
 """
 from __future__ import annotations
 
