@@ -99,6 +99,7 @@ class Backend(abc.ABC):
     """One framework on one platform. Constructed with the model and optimizer; holds the train state."""
 
     framework: str   # "jax" | "torch"
+    _micro_batch: int | None = None     # set by check_batch: the rows of a whole micro-batch
     platform: str    # "cpu" | "gpu" | "tpu" | "neuron"
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32"):
@@ -145,6 +146,12 @@ class Backend(abc.ABC):
 
     def check_batch(self, micro_batch: int) -> None:
         """Raise UserError if the micro-batch cannot be split over this backend's devices/processes."""
+
+    def batch_rows(self, micro_batch: int) -> slice:
+        """The rows of each micro-batch that this process's devices consume. train_step and eval_loss take
+        token batches [n, micro_batch, T + 1], or [n, rows, T + 1] holding only these rows, so a process
+        need not read the rows of the others."""
+        return slice(0, micro_batch)
 
     def snapshot(self, copy: bool = True) -> Snapshot:
         """Capture the train state now. The Snapshot's `write(path)` writes it under `path` and returns

@@ -194,6 +194,7 @@ class JaxBackend(Backend):
         return self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]
 
     def check_batch(self, micro_batch: int) -> None:
+        self._micro_batch = micro_batch
         d = self._batch_divisor()
         if micro_batch % d:
             raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the mesh's data x fsdp "
@@ -223,6 +224,27 @@ class JaxBackend(Backend):
                 "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source}
 
     # -- state ---------------------------------------------------------------------------------
+    def batch_rows(self, micro_batch: int) -> slice:
+        """This process's devices' rows of the batch sharding (contiguous under a process-major device order;
+        otherwise every row, placed by each process from the whole batch)."""
+        shards = self.batch_sharding.addressable_devices_indices_map((1, micro_batch, 1)).values()
+        rows = sorted({r for idx in shards for r in range(*idx[1].indices(micro_batch))})
+        if rows and rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return slice(0, micro_batch)
+
+    def _put_batch(self, tokens):
+        """Token batch [n, micro_batch or this process's rows, T + 1] -> the global batch array."""
+        t = np.asarray(tokens, np.int32)
+        micro = self._micro_batch or t.shape[1]
+        if t.shape[1] == micro:
+            return self._put(t, self.batch_sharding)
+        rows = self.batch_rows(micro)
+        if t.shape[1] != rows.stop - rows.start:
+            raise ValueError(f"a batch of {t.shape[1]} rows is neither the micro-batch ({micro}) nor this "
+                             f"process's rows {rows.start}:{rows.stop}")
+        return self._jax.make_array_from_process_local_data(self.batch_sharding, t, (t.shape[0], micro, t.shape[2]))
+
     def _put(self, array, sharding):
         """A host array (the same on every process) -> a global jax.Array; each process places its shards."""
         array = np.asarray(array)
@@ -294,14 +316,14 @@ class JaxBackend(Backend):
 
     # -- compute -------------------------------------------------------------------------------
     def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
-        batch = self._put(np.asarray(tokens, np.int32), self.batch_sharding)
+        batch = self._put_batch(tokens)
         self.params, self.opt_state, loss, grad_norm = self._train_step(
             self.params, self.opt_state, batch, np.float32(lr))
         loss, grad_norm = float(loss), float(grad_norm)
         return StepMetrics(loss=loss, grad_norm=grad_norm, skipped=not (np.isfinite(loss) and np.isfinite(grad_norm)))
 
     def eval_loss(self, tokens: np.ndarray) -> float:
-        return float(self._eval_loss(self.params, self._put(np.asarray(tokens, np.int32), self.batch_sharding)))
+        return float(self._eval_loss(self.params, self._put_batch(tokens)))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         out = self._logits(self.params, self._put(np.asarray(tokens, np.int32), self.replicated))

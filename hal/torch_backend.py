@@ -159,6 +159,7 @@ class TorchBackend(Backend):
         return net
 
     def check_batch(self, micro_batch: int) -> None:
+        self._micro_batch = micro_batch
         if micro_batch % self.process_count:
             raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the number of processes "
                             f"({self.process_count})")
@@ -374,12 +375,16 @@ class TorchBackend(Backend):
             distributed.host_barrier()
 
     # -- compute -------------------------------------------------------------------------------
+    def batch_rows(self, micro_batch: int) -> slice:
+        per = micro_batch // self.process_count
+        return slice(self.process_index * per, (self.process_index + 1) * per)
+
     def _mine(self, tokens: np.ndarray):
-        """This rank's rows of each micro-batch, as a long tensor on the device."""
+        """This rank's rows of each micro-batch (given whole, or only this rank's rows), as a long tensor on
+        the device."""
         t = np.asarray(tokens, np.int64)
-        if self.distributed:
-            per = t.shape[1] // self.process_count
-            t = t[:, self.process_index * per:(self.process_index + 1) * per]
+        if self.distributed and t.shape[1] == (self._micro_batch or t.shape[1]):
+            t = t[:, self.batch_rows(t.shape[1])]
         return self._torch.from_numpy(np.ascontiguousarray(t)).to(self.device)
 
     def _mean_over_ranks(self, x):

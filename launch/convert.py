@@ -37,7 +37,7 @@ from hal import FRAMEWORKS, CheckpointDamaged, HostState, OptimizerSpec, UserErr
 from models import hf
 from models.errors import first_line
 from models.spec import SIZES, LlamaConfig, num_params, param_shapes
-from trainer import checkpoint
+from trainer import checkpoint, tokenizer
 from trainer.storage import is_remote
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR = 0, 1, 2
@@ -358,12 +358,37 @@ def cmd_to_hf(args) -> int:
     target = hf.check_target(args.hf_dir)
     max_shard = hf.parse_size(args.max_shard_size)
     cfg, params, ckpt, manifest = read_checkpoint_params(args.ckpt)
-    source = (manifest.get("source") or {}).get("hf_config") or {}
+    source = dict((manifest.get("source") or {}).get("hf_config") or {})
+    tok = _checkpoint_tokenizer(ckpt, manifest, args.tokenizer)
+    if tok is not None:
+        if tok.vocab_size > cfg.vocab_size:
+            raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
+        source.setdefault("eos_token_id", tok.eos_id)
     files = hf.write_hf_dir(target, cfg, params, dtype=args.dtype, max_shard_bytes=max_shard, extra_config=source)
+    if tok is not None:
+        tokenizer.export(tok, target)
     size = sum((target / f).stat().st_size for f in files)
+    note = "with its tokenizer" if tok is not None else \
+        "without a tokenizer (the run's tokenizer.json was not found beside the checkpoints: pass --tokenizer)"
     print(f"wrote {target}: {len(params)} tensors as {args.dtype} in {len(files)} file(s), {_human(size)}, "
-          f"from {ckpt} (step {manifest['step']})")
+          f"from {ckpt} (step {manifest['step']}), {note}")
     return EXIT_OK
+
+
+def _checkpoint_tokenizer(ckpt, manifest: dict, given: str | None):
+    """The tokenizer to export: --tokenizer (checked against the one the checkpoint records), else the
+    run's (run_dir/tokenizer.json beside run_dir/checkpoints/), else None."""
+    recorded = (manifest.get("data") or {}).get("tokenizer")
+    if given:
+        tok = tokenizer.load(given)
+        if recorded and recorded.get("sha256") not in (None, tok.sha256):
+            raise UserError(f"--tokenizer {given} is not the tokenizer {ckpt} was trained with "
+                            f"({recorded.get('kind')}, {str(recorded.get('sha256'))[:12]})")
+        return tok
+    run_dir = None
+    if not is_remote(ckpt) and Path(ckpt).parent.name == "checkpoints":
+        run_dir = Path(ckpt).parent.parent
+    return tokenizer.for_checkpoint(recorded, run_dir)
 
 
 def cmd_score(args) -> int:
@@ -460,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=hf.DTYPES, default="float32",
                    help="float32 (default, exact) or bfloat16 (rounded to nearest even)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer to export beside the weights: bytes or a "
+                   "tokenizer.json (default: the run's, found beside its checkpoints)")
     s.set_defaults(func=cmd_to_hf)
 
     s = sub.add_parser("copy", help="a checkpoint -> DST/<step>/ on disk or an object store, verified on arrival")

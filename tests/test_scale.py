@@ -17,6 +17,7 @@ import subprocess
 STEPS = 20
 COMMON = [f"trainer.steps={STEPS}", "trainer.checkpoint_every=10", "trainer.eval_every=10", "optim.lr=5e-4",
           "optim.warmup_steps=5", "trainer.global_batch=8", "trainer.seq_len=64", "trainer.log_every=10"]
+MICRO = 8           # trainer.global_batch, no accumulation
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -66,8 +67,16 @@ def test_jax_mesh_on_8_devices_equals_single_device(single, tmp_path, mesh):
     assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= LOSS_RTOL
 
 
+def reads_half_the_rows(r, micro):
+    """Each of 2 processes reads only its half of every micro-batch (the global batch is the same)."""
+    half = micro // 2
+    for rank in (0, 1):
+        assert f"process {rank} reads rows {rank * half}:{(rank + 1) * half} of each micro-batch of {micro}" in r.stdout + r.stderr
+
+
 def test_fsdp2_two_processes_equals_single_process(single, tmp_path):
-    launch(tmp_path / "run", "hal=torch", "trainer.async_save=true", nproc=2)   # (auto blocks on CPUs)
+    r = launch(tmp_path / "run", "hal=torch", "trainer.async_save=true", nproc=2)   # (auto blocks on CPUs)
+    reads_half_the_rows(r, MICRO)
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["comm_backend"] == "gloo" and w["mesh"]["fsdp"] == 2
     assert rel(losses(tmp_path / "run"), losses(single["torch"])) <= LOSS_RTOL
@@ -80,7 +89,8 @@ def test_fsdp2_hybrid_sharding(single, tmp_path):
 
 
 def test_multiprocess_jax_trains_and_checkpoints(single, tmp_path):
-    launch(tmp_path / "run", "hal=jax", nproc=2)
+    r = launch(tmp_path / "run", "hal=jax", nproc=2)
+    reads_half_the_rows(r, MICRO)
     w = writer(tmp_path / "run", STEPS)
     assert w["process_count"] == 2 and w["device_count"] == 2
     assert rel(losses(tmp_path / "run"), losses(single["jax"])) <= LOSS_RTOL

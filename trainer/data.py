@@ -99,14 +99,21 @@ class TokenData:
     def eos_id(self) -> int:
         return int(self.tokenizer["eos_id"])
 
+    def save_tokenizer(self, run_dir: Path) -> None:
+        """The tokenizer travels with the run: run_dir/tokenizer.json (what `launch.convert to-hf` exports)."""
+        source = self.sources[0].stream.directory / tk.TOKENIZER_FILE
+        if source.is_file() and not (Path(run_dir) / tk.TOKENIZER_FILE).exists():
+            tk.write_atomic(Path(run_dir) / tk.TOKENIZER_FILE, source.read_text(encoding="utf-8"))
+
     def mixture(self, global_batch: int) -> sampling.Mixture:
         if global_batch not in self._mixtures:
             self._mixtures[global_batch] = sampling.Mixture([s.weight for s in self.sources], global_batch,
                                                             self.seed, self.block_steps)
         return self._mixtures[global_batch]
 
-    def train_batch(self, step: int, global_batch: int, rows: slice | None = None) -> np.ndarray:
-        """int32 [rows, seq_len + 1]: rows `rows` (default all) of step `step`'s global batch."""
+    def train_batch(self, step: int, global_batch: int, rows=None) -> np.ndarray:
+        """int32 [rows, seq_len + 1]: rows `rows` (a slice or row numbers; default all) of step `step`'s
+        global batch."""
         numbers = np.arange(global_batch)[rows if rows is not None else slice(None)]
         source, sample = self.mixture(global_batch).rows(step, numbers)
         out = np.empty((len(numbers), self.seq_len + 1), np.int32)
@@ -116,10 +123,10 @@ class TokenData:
             out[sel] = src.windows(src.train_window_numbers(sample[sel], self.seed, int(k)))
         return out
 
-    def eval_batch(self, index: int, global_batch: int, source: int = 0) -> np.ndarray:
-        """Held-out batch `index` of one source: windows training never reads."""
+    def eval_batch(self, index: int, global_batch: int, source: int = 0, rows=None) -> np.ndarray:
+        """Held-out batch `index` of one source (rows `rows` of it): windows training never reads."""
         src = self.sources[source]
-        samples = index * global_batch + np.arange(global_batch)
+        samples = index * global_batch + np.arange(global_batch)[rows if rows is not None else slice(None)]
         return src.windows(src.eval_window_numbers(samples, self.seed, source))
 
     def epochs(self, step: int, global_batch: int) -> dict[str, float]:

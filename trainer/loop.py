@@ -95,6 +95,7 @@ class Run:
                     "allow_setting_changes", "init_weights_only", "on_nonfinite", "on_save_error", "async_save"):
             setattr(self, key, t[key])          # async_save auto: the backend's default
         self.tokens_per_step = self.global_batch * self.seq_len
+        self.rows = None            # the global batch rows this process reads (train() asks the backend)
         self.seed = cfg["seed"]
         self.check_run_dir()
         self._ckpt_root = checkpoint.checkpoint_root(t["checkpoint_dir"], self.run_dir)
@@ -189,6 +190,7 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     masked = {"document_eos": data.eos_id} if cfg["data"]["document_mask"] else {}
     backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat, **masked)
     backend.check_batch(run.micro_batch)
+    run.rows = _process_rows(run, backend)
     lead = backend.process_index == 0
     if not lead:
         log.setLevel(logging.WARNING)     # one process reports; all of them train
@@ -209,6 +211,7 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
             if lead:        # only once the run is known to go ahead: a refused run leaves run.json as it was
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(run.run_dir / RUN_MARKER, record)
+                data.save_tokenizer(run.run_dir)
             return _train(run, data, backend, ckpt, start_step, source)
         finally:
             ckpt.release()
@@ -302,6 +305,15 @@ def _describe_source(ckpt, manifest: dict) -> str:
             f"mesh {w.get('mesh')})")
 
 
+def _process_rows(run: Run, backend) -> np.ndarray:
+    """The rows of the global batch this process reads: its devices' rows of each micro-batch."""
+    mine = backend.batch_rows(run.micro_batch)
+    if backend.process_count > 1:
+        log.info("process %d reads rows %d:%d of each micro-batch of %d", backend.process_index, mine.start,
+                 mine.stop, run.micro_batch)
+    return (np.arange(run.accum)[:, None] * run.micro_batch + np.arange(run.micro_batch)[mine][None, :]).ravel()
+
+
 def open_data(cfg: dict) -> TokenData:
     d, t = cfg["data"], cfg["trainer"]
     return TokenData(d["path"], t["seq_len"], cfg["seed"], d["eval_fraction"], sources=d["sources"],
@@ -327,7 +339,8 @@ def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: i
              f"{num_params(run.model):,}", run.steps, run.tokens_per_step, start_step, source)
     log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
     meta = {"model": run.model.to_dict(), "writer": info,
-            "data": {"path": run.cfg["data"]["path"], "seed": run.seed, "next_step": None}, "rng": {"seed": run.seed}}
+            "data": {"path": run.cfg["data"]["path"], "seed": run.seed, "next_step": None,
+                     "tokenizer": data.tokenizer}, "rng": {"seed": run.seed}}
     saved_at, preempted = start_step, ""
     with report, StopRequest() as stop, _keep_pending(ckpt):
         for step in range(start_step, run.steps):
@@ -356,7 +369,7 @@ def _cursor(meta: dict, done: int) -> dict:
 def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
     """Train step `step` (0-based), evaluate when due, report; stop on a non-finite loss when asked to."""
     t0 = time.perf_counter()
-    tokens = data.train_batch(step, run.global_batch).reshape(run.accum, run.micro_batch, run.seq_len + 1)
+    tokens = data.train_batch(step, run.global_batch, run.rows).reshape(run.accum, -1, run.seq_len + 1)
     lr = run.lr(step)
     m = backend.train_step(tokens, lr)
     dt = time.perf_counter() - t0
@@ -523,8 +536,8 @@ def evaluate(backend, data: TokenData, run: Run) -> dict:
     as the mixture's weighted mean."""
     out, weights = {}, [s.weight for s in data.sources]
     for k, src in enumerate(data.sources):
-        tokens = [data.eval_batch(i, run.global_batch, source=k) for i in range(run.eval_batches)]
-        batch = np.stack(tokens).reshape(run.eval_batches * run.accum, run.micro_batch, run.seq_len + 1)
+        tokens = [data.eval_batch(i, run.global_batch, k, run.rows) for i in range(run.eval_batches)]
+        batch = np.stack(tokens).reshape(run.eval_batches * run.accum, -1, run.seq_len + 1)
         loss = backend.eval_loss(batch)
         suffix = f"/{src.name}" if len(data.sources) > 1 else ""
         out[f"eval_loss{suffix}"], out[f"eval_bpb{suffix}"] = loss, data.bits_per_byte(loss, k)

@@ -52,7 +52,7 @@ class Tokenizer:
         return tok.to_str()
 
     def save(self, directory: Path) -> Path:
-        return _write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
+        return write_atomic(Path(directory) / TOKENIZER_FILE, self.to_json())
 
 
 class HFTokenizer(Tokenizer):
@@ -112,7 +112,7 @@ def train_bpe(vocab_size: int, texts, out_dir: str | os.PathLike) -> HFTokenizer
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    path = _write_atomic(Path(out_dir) / TOKENIZER_FILE, tok.to_str())
+    path = write_atomic(Path(out_dir) / TOKENIZER_FILE, tok.to_str())
     return HFTokenizer(path, BPE_EOS)
 
 
@@ -170,7 +170,7 @@ def _byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -188,8 +188,18 @@ def tokenizer_config(tok: Tokenizer) -> dict:
             "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
 
 
+def for_checkpoint(ident: dict | None, run_dir: Path | None) -> Tokenizer | None:
+    """The tokenizer a checkpoint was trained with (its manifest's data.tokenizer), from the run dir's
+    tokenizer.json when it is not the byte tokenizer; None when it cannot be found there."""
+    if not ident or ident.get("kind") == "bytes":
+        return Tokenizer() if ident else None
+    if run_dir is None or not (Path(run_dir) / TOKENIZER_FILE).is_file():
+        return None
+    return from_identity(ident, Path(run_dir))
+
+
 def export(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
     """Write tokenizer.json and tokenizer_config.json into OUT_DIR (the Hugging Face export)."""
     out = Path(out_dir)
-    _write_atomic(out / TOKENIZER_FILE, tok.to_json())
-    _write_atomic(out / "tokenizer_config.json", json.dumps(tokenizer_config(tok), indent=1))
+    write_atomic(out / TOKENIZER_FILE, tok.to_json())
+    write_atomic(out / "tokenizer_config.json", json.dumps(tokenizer_config(tok), indent=1))
