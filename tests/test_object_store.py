@@ -4,6 +4,7 @@ where gcp-storage-emulator is installed). Training output, kill -9 and resume on
 missing credentials and unknown buckets."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, cli, metrics
+from hal import UserError
 from tests.tolerances import LOSS_RTOL as RTOL
 
 boto3 = pytest.importorskip("boto3")
@@ -331,3 +333,32 @@ def test_store_contract_gcs(gcs, tmp_path, monkeypatch):
     from trainer import checkpoint
     with pytest.raises(checkpoint.UserError, match="does not exist"):
         checkpoint.checkpoint_root("gs://no-such-bucket-here/x", tmp_path)
+
+
+def test_a_dataset_on_s3_is_staged_verified_and_read_like_a_local_one(s3, tmp_path, monkeypatch):
+    """data.path=s3://...: the index, tokenizer and shards come through the store layer into the cache,
+    each shard checked against the index's size and SHA-256; batches equal the local dataset's. A shard
+    changed on the store is a StorageError naming it, not training on other data."""
+    from hal import StorageError
+    from trainer.data import TokenData
+    from trainer.prepare import Options, build
+    (tmp_path / "texts").mkdir()
+    for i in range(20):
+        (tmp_path / "texts" / f"{i:02d}.txt").write_text(f"object stores hold corpus part {i}; it is staged. " * 20)
+    build(tmp_path / "ds", Options(inputs=[str(tmp_path / "texts")], shard_tokens=5000, progress=False))
+    for f in sorted((tmp_path / "ds").iterdir()):
+        s3.upload_file(str(f), BUCKET, f"datasets/ds/{f.name}")
+    monkeypatch.setenv("TRICHIP_CACHE", str(tmp_path / "cache"))
+    local, remote = TokenData(str(tmp_path / "ds"), 16, 3), TokenData(f"s3://{BUCKET}/datasets/ds", 16, 3)
+    assert len(remote.sources[0].stream.shards) == 4
+    for step in range(5):
+        assert np.array_equal(remote.train_batch(step, 4), local.train_batch(step, 4))
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key="datasets/ds/shard-00002.npy")["Body"].read())
+    body[-3] ^= 1
+    s3.put_object(Bucket=BUCKET, Key="datasets/ds/shard-00002.npy", Body=bytes(body))
+    TokenData(f"s3://{BUCKET}/datasets/ds", 16, 3)          # staged and checked once: the cache is used
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(StorageError, match="shard-00002.npy does not match its index"):
+        TokenData(f"s3://{BUCKET}/datasets/ds", 16, 3)
+    with pytest.raises(UserError, match="is not a dataset"):
+        TokenData(f"s3://{BUCKET}/datasets/none", 16, 3)
