@@ -313,7 +313,7 @@ class _progress:
     def __enter__(self):
         from tqdm import tqdm
         self.bar = tqdm(desc="tokenizing", unit=" docs", initial=self.index["documents"],
-                        disable=not self.opts.progress, mininterval=1.0)
+                        disable=None if self.opts.progress else True, mininterval=1.0)   # None: off when not a terminal
         return self.bar
 
     def __exit__(self, *exc):
