@@ -3,7 +3,6 @@ frameworks with document masking (the same curve), the checkpoint exported with 
 text through transformers; prepare_data killed mid-way leaves a consistent, resumable index; bad input is
 one line and leaves nothing behind."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def test_a_prepared_dataset_trains_the_same_on_both_frameworks(bpe_dataset, tmp_
     for fw in ("jax", "torch"):
         train(tmp_path / fw, f"hal={fw}", "data=tokens", f"data.path={bpe_dataset}", *COMMON)
         runs[fw] = metrics(tmp_path / fw)
-    assert json.loads((tmp_path / "jax" / "checkpoints" / "12" / "manifest.json").read_text())["model"]["vocab_size"] == 384
+    manifest = json.loads((tmp_path / "jax" / "checkpoints" / "12" / "manifest.json").read_text())
+    assert manifest["model"]["vocab_size"] == 384 and manifest["data"]["tokenizer"]["trained"] == "train-bpe:300"
     for key in ("loss", "eval_loss"):
         j = np.array([m[key] for m in runs["jax"] if key in m])
         t = np.array([m[key] for m in runs["torch"] if key in m])
