@@ -3,6 +3,7 @@ frameworks with document masking (the same curve), the checkpoint exported with 
 text through transformers; prepare_data killed mid-way leaves a consistent, resumable index; bad input is
 one line and leaves nothing behind."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,24 @@ def _wide_tokenizer() -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return tok.to_str()
+
+
+def test_a_mixture_reports_each_source(bpe_dataset, tmp_path):
+    """Two sources (the same tokenizer): per-source epochs and held-out losses, the overall eval loss their
+    weighted mean, and the run resumes to the same curve from its checkpoint (the step is all it needs)."""
+    from trainer.prepare import Options, build
+    inputs = corpus(tmp_path / "in", docs=60, seed=5)
+    build(tmp_path / "other", Options(tokenizer=str(bpe_dataset / "tokenizer.json"), inputs=inputs, field="body",
+                                      column="content", progress=False))
+    web, code = f"{{path: '{bpe_dataset}', weight: 3, name: web}}", f"{{path: '{tmp_path / 'other'}', weight: 1, name: code}}"
+    sources = f"data.sources=[{web}, {code}]"
+    args = ["hal=torch", "data=mixture", sources, *COMMON]
+    train(tmp_path / "run", *args)
+    rows = metrics(tmp_path / "run")
+    last = rows[-1]
+    assert {"epoch/web", "epoch/code", "eval_loss/web", "eval_loss/code", "eval_bpb/web"} <= set(last)
+    assert last["eval_loss"] == pytest.approx(0.75 * last["eval_loss/web"] + 0.25 * last["eval_loss/code"])
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "12")
+    assert train(tmp_path / "run", *args)["start_step"] == 6
+    again = metrics(tmp_path / "run")
+    assert [m["loss"] for m in again] == [m["loss"] for m in rows]          # bitwise: same rows, same order
