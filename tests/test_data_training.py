@@ -182,7 +182,8 @@ def test_a_mixture_reports_each_source(bpe_dataset, tmp_path):
     inputs = corpus(tmp_path / "in", docs=60, seed=5)
     build(tmp_path / "other", Options(tokenizer=str(bpe_dataset / "tokenizer.json"), inputs=inputs, field="body",
                                       column="content", progress=False))
-    web, code = f"{{path: '{bpe_dataset}', weight: 3, name: web}}", f"{{path: '{tmp_path / 'other'}', weight: 1, name: code}}"
+    web = f"{{path: '{bpe_dataset}', weight: 3, name: web}}"
+    code = f"{{path: '{tmp_path / 'other'}', weight: 1, name: code}}"
     sources = f"data.sources=[{web}, {code}]"
     args = ["hal=torch", "data=mixture", sources, *COMMON]
     train(tmp_path / "run", *args)
