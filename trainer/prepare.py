@@ -11,7 +11,9 @@ import gzip
 import json
 import multiprocessing
 import os
+import queue
 import shutil
+import threading
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +295,7 @@ class _encoder:
     def __enter__(self):
         if self.opts.workers <= 1:
             tok = tk.load(self.spec, self.eos_token)
-            return lambda work: ((fi, done) + _encode(tok, texts) for fi, done, texts in work)
+            return lambda work: ((fi, done) + _encode(tok, texts) for fi, done, texts in _prefetch(work))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # one thread per worker process
         self.pool = multiprocessing.get_context("spawn").Pool(self.opts.workers, _init_worker,
                                                               (self.spec, self.eos_token))
@@ -304,6 +306,42 @@ class _encoder:
             self.pool.terminate()
             self.pool.join()
         return False
+
+
+def _prefetch(items, depth: int = 2):
+    """`items`, produced by a thread up to `depth` ahead: reading and parsing the next chunk overlaps the
+    tokenizer (which releases the GIL) on this one. The producer's exceptions are raised here, in order."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as e:     # noqa: BLE001  (handed to the consumer, which raises it)
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="prepare-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():       # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 class _progress:
