@@ -38,18 +38,15 @@ def loader_table(report: Report, opts, tmp: Path) -> None:
     single = TokenData(str(tmp / "ds"), 2048, 0)
     mix = TokenData(None, 2048, 0, sources=[{"path": str(tmp / "ds"), "name": n, "weight": w}
                                             for n, w in (("a", 0.7), ("b", 0.2), ("c", 0.1))])
-    cases = {"one source, all rows": lambda s: single.train_batch(s, 16),
-             "one source, half the rows (a process of 2)": lambda s: single.train_batch(s, 16, slice(0, 8)),
-             "mixture of 3 (0.7/0.2/0.1)": lambda s: mix.train_batch(s, 16)}
+    steps = lambda r: range(r * 50, r * 50 + 50)  # noqa: E731  (50 new steps a round)
+    cases = {"one source, all rows": lambda r: [single.train_batch(s, 16) for s in steps(r)],
+             "one source, half the rows (a process of 2)":
+                 lambda r: [single.train_batch(s, 16, slice(0, 8)) for s in steps(r)],
+             "mixture of 3 (0.7/0.2/0.1)": lambda r: [mix.train_batch(s, 16) for s in steps(r)]}
     rows = []
-    times = {k: [] for k in cases}
-    for r in range(opts.rounds):
-        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-            t = now()
-            for s in range(r * 50, r * 50 + 50):
-                cases[name](s)
-            times[name].append((now() - t) / 50)
+    times = alternate(cases, opts.rounds)
     for name, ts in times.items():
+        ts = [t / 50 for t in ts]
         rows_read = 8 if "half" in name else 16
         rate = rows_read * 2049 / med(ts)
         rows.append([name, f0(rate), f0(rate / H200_1B_TOKENS_PER_S) + "x", "yes" if rate >= 50 * H200_1B_TOKENS_PER_S
@@ -68,7 +65,7 @@ def prepare_table(report: Report, opts, tmp: Path) -> None:
     files = sorted(docs.glob("*.jsonl"))
     total_bytes = sum(f.stat().st_size for f in files)
 
-    def bare():
+    def bare(_round):
         n = 0
         for f in files:
             texts = [json.loads(line)["text"] for line in f.open()]
@@ -76,7 +73,7 @@ def prepare_table(report: Report, opts, tmp: Path) -> None:
         return n
 
     def ours(workers):
-        def run():
+        def run(_round):
             out = tmp / f"out-{workers}"
             shutil.rmtree(out, ignore_errors=True)
             return build(out, Options(tokenizer=str(tok.path), inputs=[str(docs)], progress=False,
@@ -85,12 +82,7 @@ def prepare_table(report: Report, opts, tmp: Path) -> None:
 
     cases = {"tokenizers encode_batch loop (bare)": bare, "prepare_data --workers 1": ours(1),
              f"prepare_data --workers {os.cpu_count()}": ours(os.cpu_count())}
-    times = {k: [] for k in cases}
-    for r in range(opts.rounds):
-        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-            t = now()
-            cases[name]()
-            times[name].append(now() - t)
+    times = alternate(cases, opts.rounds)
     base = med(times["tokenizers encode_batch loop (bare)"])
     rows = [[name, f3(med(ts)), f"{total_bytes / med(ts) / 1e6:.1f}", f2(base / med(ts))]
             for name, ts in times.items()]
@@ -129,6 +121,17 @@ def quality_table(report: Report, opts, tmp: Path) -> None:
                  rows, f"hal={opts.framework}, seq_len {opts.seq_len}, global batch 16, the default optimizer "
                  f"and schedule; eval on 16 held-out batches at the end. Bits per byte divide by each dataset's "
                  f"UTF-8 bytes per token, so the two rows compare.")
+
+
+def alternate(cases: dict, rounds: int) -> dict:
+    """{name: [seconds of each round]}: every case once per round (case(round)), in alternating order."""
+    times = {k: [] for k in cases}
+    for r in range(rounds):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            t = now()
+            cases[name](r)
+            times[name].append(now() - t)
+    return times
 
 
 def _json_corpus(out: Path, megabytes: int) -> None:

@@ -180,3 +180,74 @@ class LlamaForCausalLM(nn.Module):
 def cross_entropy(logits, targets):
     """Mean next-token cross-entropy in float32. logits [B, T, V], targets [B, T] long."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# -- decoding with a KV cache ---------------------------------------------------------------------------------
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, device, dtype=torch.float32) -> dict:
+    """Keys and values of every layer for `length` positions: {"k", "v"}: [layers, B, kv_heads, length, head_dim]."""
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
+    return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+
+def _attend_cached(attn: Attention, x, cos, sin, cache: dict, layer: int, start: int, mask):
+    """Attention of x [B, T, hidden] at positions start.. over the cached keys and values of the earlier
+    positions; writes this block's keys and values into the cache."""
+    b, t, _ = x.shape
+    cfg, hd = attn.cfg, attn.cfg.head_dim
+    q = apply_rope(attn.q_proj(x).view(b, t, cfg.num_attention_heads, hd).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(x).view(b, t, cfg.num_key_value_heads, hd).transpose(1, 2), cos, sin)
+    cache["k"][layer, :, :, start:start + t] = k
+    cache["v"][layer, :, :, start:start + t] = attn.v_proj(x).view(b, t, cfg.num_key_value_heads, hd).transpose(1, 2)
+    keys, values = cache["k"][layer, :, :, :start + t], cache["v"][layer, :, :, :start + t]
+    gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+@torch.no_grad()
+def forward_cached(model: LlamaForCausalLM, tokens, cache: dict, start: int):
+    """Logits float32 [B, T, vocab] of tokens [B, T] at positions start..start+T-1, the earlier positions' keys
+    and values read from `cache` (init_cache) and theirs written into it. Equals model(tokens) for the whole
+    sequence; `model` is a plain (unsharded) LlamaForCausalLM."""
+    t, length = tokens.shape[1], cache["k"].shape[3]
+    x = model.model.embed_tokens(tokens)
+    cos, sin = model.rope(length, x.device, x.dtype)
+    cos, sin = cos[start:start + t], sin[start:start + t]
+    # query i sits at position start + i and reads every key at a position up to its own
+    mask = torch.arange(start + t, device=x.device)[None, :] <= start + torch.arange(t, device=x.device)[:, None]
+    for i, layer in enumerate(model.model.layers):
+        x = x + _attend_cached(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, start, mask)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    h = model.model.norm(x)
+    w = model.model.embed_tokens.weight if model.cfg.tie_word_embeddings else model.lm_head.weight
+    return F.linear(h, w).float()
+
+
+def choose_token(logits, temperature: float, top_k: int, generator):
+    """The next token of each row of logits [B, vocab]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) over the top_k most likely tokens (every token when top_k is 0)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: LlamaForCausalLM, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             seed: int = 0):
+    """long [B, max_new_tokens] continuing prompt long [B, P] (P >= 1): one prefill of the prompt, then one
+    cached step per token. Draws come from a torch.Generator seeded with `seed` on the prompt's device."""
+    b, p = prompt.shape
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    cache = init_cache(model.cfg, b, p + max_new_tokens, prompt.device, model.model.embed_tokens.weight.dtype)
+    logits = forward_cached(model, prompt, cache, 0)[:, -1]
+    out = []
+    for i in range(max_new_tokens):
+        out.append(choose_token(logits, temperature, top_k, generator))
+        if i + 1 < max_new_tokens:
+            logits = forward_cached(model, out[-1][:, None], cache, p + i)[:, -1]
+    return torch.stack(out, dim=1)
