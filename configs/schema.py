@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -33,6 +33,7 @@ Schedule = _choices("Schedule", "cosine", "linear", "constant")
 OnNonFinite = _choices("OnNonFinite", "stop", "skip")
 OnSaveError = _choices("OnSaveError", "stop", "continue")
 VocabPolicy = _choices("VocabPolicy", "check", "tokenizer", "pad128")
+LoggerName = _choices("LoggerName", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -106,6 +107,15 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A profiler trace of a window of steps, written under run_dir/profile/ by every process."""
+    steps: List[int] = field(default_factory=list)  # [first, last] step numbers as metrics.jsonl counts them; [] = off
+    memory: bool = False                    # also a memory snapshot at the window's end (JAX: device memory
+    #                                         profile; torch on CUDA: _record_memory_history pickle, on CPUs
+    #                                         allocations in the trace)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 300
     global_batch: int = 16                  # sequences per optimizer update
@@ -131,7 +141,16 @@ class TrainerConfig:
     allow_setting_changes: bool = False     # resume a run dir with another checkpoint_dir, seed or data.path
     on_nonfinite: OnNonFinite = OnNonFinite.stop    # NaN/inf loss or gradient: stop (exit 4) | skip the update
     on_save_error: OnSaveError = OnSaveError.stop   # a checkpoint write fails: stop (exit 3) | continue training
-    tensorboard: bool = True                # event files in run_dir/tensorboard
+    tensorboard: bool = True                # event files in run_dir/tensorboard (false: none, whatever `loggers` says)
+    # where scalars and the resolved config go, from process 0: tensorboard, wandb (the wandb package; WANDB_MODE
+    # and friends as usual), mlflow (MLFLOW_TRACKING_URI, default a file store in run_dir/mlruns)
+    loggers: List[LoggerName] = field(default_factory=lambda: [LoggerName.tensorboard])
+    experiment: str = "trichip"             # the W&B project and MLflow experiment of the run
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    sample_every: int = 0                   # every N steps a short sample of text to the log and TensorBoard; 0 = never
+    sample_prompt: str = ""                 # the sample's prompt; "" = the start of a document
+    sample_tokens: int = 32                 # tokens the sample generates
+    sample_temperature: float = 0.0         # 0 = greedy; else sampled (top-k 50, seeded by seed and step)
     peak_tflops: Optional[float] = None     # per-device peak for MFU; known GPUs/TPUs are detected, CPUs need it
 
 

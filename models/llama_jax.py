@@ -8,6 +8,8 @@ per document (models.spec.document_segments defines both).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -191,3 +193,88 @@ def cross_entropy(logits, targets):
     """Mean next-token cross-entropy in float32. logits [B, T, V], targets [B, T] int."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+# -- decoding with a KV cache: the same Llama as functions of the parameter tree --------------------------------
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """Keys and values of every layer for `length` positions: {"k", "v"}: [layers, B, length, kv_heads, head_dim]."""
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _norm(x, weight, eps):
+    return RMSNorm(eps).apply({"params": {"weight": weight}}, x)
+
+
+def _attend_cached(p, cfg: LlamaConfig, x, cos, sin, cache: dict, layer: int, start, mask):
+    """Attention of x [B, T, hidden] at positions start.. over the cached keys and values of the earlier
+    positions; writes this block's keys and values into the cache. Returns (output, cache)."""
+    b, t, _ = x.shape
+    h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = apply_rope(matmul_t(x, p["q_proj"]["weight"]).reshape(b, t, h, hd), cos, sin)
+    k = apply_rope(matmul_t(x, p["k_proj"]["weight"]).reshape(b, t, kvh, hd), cos, sin)
+    v = matmul_t(x, p["v_proj"]["weight"]).reshape(b, t, kvh, hd)
+    at = (layer, 0, start, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+    out = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], mask=mask)
+    return matmul_t(out.reshape(b, t, h * hd), p["o_proj"]["weight"]), cache
+
+
+def forward_cached(params, cfg: LlamaConfig, tokens, cache: dict, start):
+    """Logits float32 [B, T, vocab] of tokens [B, T] at positions start..start+T-1, the earlier positions'
+    keys and values read from `cache` (init_cache), theirs written into it: (logits, cache). `params` is
+    the tree LlamaForCausalLM holds; the result equals its logits for the whole sequence."""
+    m, eps = params["model"], cfg.rms_norm_eps
+    t, length = tokens.shape[1], cache["k"].shape[2]
+    cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), start, t) for a in rope_tables(cfg, length))
+    # query i sits at position start + i and reads every key at a position up to its own
+    mask = (jnp.arange(length)[None, :] <= start + jnp.arange(t)[:, None])[None, None]
+    x = jnp.take(m["embed_tokens"]["weight"], tokens, axis=0)
+    for i in range(cfg.num_hidden_layers):
+        lp = m["layers"][str(i)]
+        a, cache = _attend_cached(lp["self_attn"], cfg, _norm(x, lp["input_layernorm"]["weight"], eps), cos, sin,
+                                  cache, i, start, mask)
+        x = x + a
+        h, mlp = _norm(x, lp["post_attention_layernorm"]["weight"], eps), lp["mlp"]
+        x = x + matmul_t(nn.silu(matmul_t(h, mlp["gate_proj"]["weight"])) * matmul_t(h, mlp["up_proj"]["weight"]),
+                         mlp["down_proj"]["weight"])
+    h = _norm(x, m["norm"]["weight"], eps)
+    w = m["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return matmul_t(h, w).astype(jnp.float32), cache
+
+
+def choose_token(logits, key, temperature: float, top_k: int):
+    """The next token of each row of logits [B, vocab]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) over the top_k most likely tokens (every token when top_k is 0)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(params, cfg: LlamaConfig, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             seed: int = 0):
+    """int32 [B, max_new_tokens] continuing prompt int32 [B, P] (P >= 1): one prefill of the prompt, then one
+    cached step per token, compiled as one program. Draws come from jax.random.key(seed), one fold per token."""
+    return _generate(params, jnp.asarray(prompt, jnp.int32), jax.random.key(seed), cfg=cfg, steps=max_new_tokens,
+                     temperature=float(temperature), top_k=int(top_k))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k"))
+def _generate(params, prompt, key, *, cfg, steps, temperature, top_k):
+    b, p = prompt.shape
+    logits, cache = forward_cached(params, cfg, prompt, init_cache(cfg, b, p + steps), 0)
+    first = choose_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
+
+    def step(carry, i):        # token i - 1 (at position p + i - 1) in, token i out
+        cache, token = carry
+        logits, cache = forward_cached(params, cfg, token[:, None], cache, p + i - 1)
+        token = choose_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k)
+        return (cache, token), token
+    _, rest = jax.lax.scan(step, (cache, first), jnp.arange(1, steps))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

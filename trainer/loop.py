@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hal.profile import device_memory, is_out_of_memory, make_profiler
 from hal import (HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
                  first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
@@ -33,7 +34,9 @@ from trainer import checkpoint
 from trainer.checkpointer import REMOTE_CACHE, STAGING, Checkpointer
 from trainer.data import TokenData
 from trainer.tokenizer import padded_vocab
-from trainer.observe import Scalars, peak_flops
+from trainer import tokenizer as tk
+from trainer.loggers import Loggers
+from trainer.observe import OutOfMemory, TextSample, out_of_memory_message, peak_flops, peak_rss_bytes
 from trainer.safety import RunLock, StopRequest
 from trainer.schedule import learning_rate
 
@@ -332,7 +335,7 @@ def _with_vocab(cfg: dict, data: TokenData) -> dict:
 
 def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: int, source: str) -> dict:
     info = backend.describe()
-    report = Report(run, backend, info, start_step)
+    report = Report(run, backend, info, start_step, data)
     log.info("%s on %s: %d device(s) in %d process(es), mesh %s (%s)", info["framework"], info["platform"],
              info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
     log.info("%s params, %d steps of %d tokens; start at step %d from %s",
@@ -371,7 +374,8 @@ def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
     t0 = time.perf_counter()
     tokens = data.train_batch(step, run.global_batch, run.rows).reshape(run.accum, -1, run.seq_len + 1)
     lr = run.lr(step)
-    m = backend.train_step(tokens, lr)
+    with report.watch(step + 1):
+        m = backend.train_step(tokens, lr)
     dt = time.perf_counter() - t0
     done = step + 1
     extra = _epochs(data.epochs(done, run.global_batch))
@@ -400,22 +404,28 @@ def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step:
                   else "none: this run wrote no checkpoint")
     if ckpt.lead:
         marker = run.run_dir / RUN_MARKER
-        _write_json(marker, dict(_read_record(marker), last_run=saved))
+        _write_json(marker, dict(_read_record(marker), last_run=dict(saved, **report.peak_memory())))
     return {"run_dir": str(run.run_dir), "start_step": start_step, "last": report.last,
             "compilations": compilations, "preempted": preempted, **saved}
 
 
 class Report:
     """What a person watching the run sees: metrics.jsonl (one JSON object a step; non-finite values are
-    null), the log line every log_every steps, TensorBoard scalars and the progress bar. Process 0 only."""
+    null), the log line every log_every steps, the loggers (TensorBoard, trackers) and the progress bar,
+    from process 0; on every process the profiler's window (trainer.profile), device memory, samples of
+    text (trainer.sample_every) and out-of-memory errors that say what to change."""
 
-    def __init__(self, run: Run, backend, info: dict, start_step: int):
-        self.run, self.lead, self.last = run, backend.process_index == 0, {}
+    def __init__(self, run: Run, backend, info: dict, start_step: int, data: TokenData):
+        self.run, self.lead, self.last, self.backend = run, backend.process_index == 0, {}, backend
+        t = run.cfg["trainer"]
+        self.profiler = make_profiler(backend, run.run_dir / "profile", t["profile"]["steps"], t["profile"]["memory"],
+                                      start_step, run.steps)
+        self.sample = _text_sample(t, run, data) if t["sample_every"] else None
         self.path = run.run_dir / "metrics.jsonl"
         self.peak = peak_flops(info.get("device_kind", ""), run.precision, run.cfg["trainer"]["peak_tflops"])
         self.devices = info["device_count"]
         self.flops_per_token = flops_per_token(run.model, run.seq_len)
-        self.file, self.bar, self.scalars, self._redirect = None, None, None, contextlib.nullcontext()
+        self.file, self.bar, self.loggers, self._redirect = None, None, None, contextlib.nullcontext()
         if self.lead:
             _metrics_upto(self.path, start_step)
             self.bar = _progress(run.steps, start_step)
@@ -427,16 +437,21 @@ class Report:
                 self.file = open(self.path, "a")
             except OSError as e:
                 raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
-            self.scalars = Scalars(self.run.run_dir, enabled=self.run.cfg["trainer"]["tensorboard"])
+            t = self.run.cfg["trainer"]
+            run_id = _read_record(self.run.run_dir / RUN_MARKER)["run_id"]
+            self.loggers = Loggers(t["loggers"], self.run.run_dir, run_id, t["experiment"], t["tensorboard"])
+            self.loggers.config(self.run.cfg)
         self._redirect.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._redirect.__exit__(*exc)
+        if self.profiler:
+            self.profiler.stop()
         if self.bar:
             self.bar.close()
-        if self.scalars:
-            self.scalars.close()
+        if self.loggers:
+            self.loggers.close()
         if self.file:
             try:
                 self.file.close()
@@ -452,18 +467,47 @@ class Report:
             last["mfu"] = self.flops_per_token * last["tokens_per_s"] / (self.peak * self.devices)
         if m.skipped:
             last["skipped"] = True
+        if self.profiler and self.profiler.covers(done):
+            last["profiled"] = True         # slower than the others
+            self.profiler.stop(after_step=done)
+        last.update(device_memory(self.backend))
         last.update(extra)
         self.last = last
+        sample = self.sample(self.backend, done) if self.sample and self.sample.due(done) else None
         if not self.lead:
             return
         try:
             self.file.write(json.dumps({k: _json_number(v) for k, v in last.items()}) + "\n")
             self.file.flush()
-            self.scalars.add(done, last)
+            self.loggers.add(done, last)
+            if sample is not None:
+                self.loggers.text(done, "sample", sample)
         except OSError as e:
             raise StorageError(f"cannot write the metrics of step {done} to {self.run.run_dir}: "
                                f"{e.strerror or first_line(e)}") from None
         self._log_line(done, m, lr, last)
+        if sample is not None:
+            log.info("sample at step %d: %r", done, sample)
+
+    @contextlib.contextmanager
+    def watch(self, step: int):
+        """Around train step `step`: the profiler's window, and running out of memory as one line that says
+        with which settings and what to change."""
+        try:
+            with self.profiler.step(step) if self.profiler else contextlib.nullcontext():
+                yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            peak = device_memory(self.backend).get("device_mem_peak_gib")
+            r = self.run
+            raise OutOfMemory(out_of_memory_message(step, r.micro_batch, r.global_batch, r.seq_len, r.remat,
+                                                    peak and int(peak * 2**30), first_line(e))) from None
+
+    def peak_memory(self) -> dict:
+        """For run.json: this process's peak resident set, and its device peak on accelerators."""
+        peak = device_memory(self.backend).get("device_mem_peak_gib")
+        return {"peak_rss_bytes": peak_rss_bytes(), **({"device_peak_bytes": int(peak * 2**30)} if peak else {})}
 
     def _log_line(self, done: int, m, lr: float, last: dict) -> None:
         if done % self.run.log_every == 0 or done == self.run.steps or "eval_loss" in last:
@@ -480,6 +524,14 @@ class Report:
             extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
             self.bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
             self.bar.update(1)
+
+
+def _text_sample(t: dict, run: Run, data: TokenData) -> TextSample | None:
+    tokenizer = tk.for_checkpoint(data.tokenizer, data.sources[0].stream.directory)
+    if tokenizer is None:
+        log.warning("trainer.sample_every: the data's tokenizer.json was not found beside it: no samples")
+        return None
+    return TextSample(t, run.model, tokenizer, run.seed)
 
 
 def _json_number(value):

@@ -1,8 +1,15 @@
-"""What a person watching a run sees besides the log: MFU against the chip's peak, TensorBoard scalars."""
+"""What a person watching a run sees besides the log: MFU against the chip's peak, TensorBoard scalars and
+text, the process's peak memory, and what an out-of-memory error says to change."""
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 from pathlib import Path
+
+import numpy as np
+
+from models.errors import UserError
 
 log = logging.getLogger("trichip")
 
@@ -27,8 +34,17 @@ def peak_flops(device_kind: str, precision: str, override_tflops: float | None =
     return None
 
 
+def scalar_values(values: dict) -> dict[str, float]:
+    """A metrics line's numbers as {tag: value}: every int or float (not booleans, not the step), tagged as
+    TensorBoard shows them (`_tag`). Every logger receives these."""
+    return {_tag(k): v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
 class Scalars:
-    """TensorBoard event files in run_dir/tensorboard (tensorboardX; skipped with a note if missing)."""
+    """TensorBoard event files in run_dir/tensorboard (tensorboardX; skipped with a note if missing): the
+    scalars of every metrics line, the resolved config and samples of text."""
+    name = "tensorboard"
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.writer = None
@@ -51,9 +67,17 @@ class Scalars:
         if worker is not None and not worker.is_alive():
             self.writer = None
             raise OSError(f"the TensorBoard event writer for {self.logdir} stopped (a full disk?)")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.writer.add_scalar(_tag(key), value, step)
+        for tag, value in scalar_values(values).items():
+            self.writer.add_scalar(tag, value, step)
+
+    def config(self, text: str) -> None:
+        """The resolved config (YAML), as the text `config` at step 0."""
+        if self.writer is not None:
+            self.writer.add_text("config", _preformatted(text), 0)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, _preformatted(text), step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -68,3 +92,66 @@ def _tag(key: str) -> str:
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_"):]
     return f"train/{key}"
+
+
+def _preformatted(text: str) -> str:
+    """TensorBoard renders text as Markdown: indented four spaces it is shown as written."""
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def out_of_memory_message(step: int, micro_batch: int, global_batch: int, seq_len: int, remat: bool,
+                          device_peak: int | None, cause: str) -> str:
+    """One line for a step that ran out of memory: the micro-batch and remat setting it ran with, the peak
+    measured (device memory on accelerators, else this process's resident set), and what to change."""
+    peak = f"device peak {gib(device_peak)}" if device_peak else f"process peak RSS {gib(peak_rss_bytes())}"
+    fixes = []
+    smaller = [m for m in range(micro_batch // 2, 0, -1) if global_batch % m == 0]
+    if smaller:
+        fixes.append(f"trainer.micro_batch={smaller[0]} (gradient accumulation keeps global_batch {global_batch})")
+    if not remat:
+        fixes.append("trainer.remat=true (recompute activations in the backward)")
+    fixes.append("more devices (FSDP shards the state) or a shorter trainer.seq_len")
+    return (f"out of memory in step {step} with micro-batch {micro_batch} x {seq_len} tokens, remat "
+            f"{'on' if remat else 'off'}, {peak} ({cause}); try " + ", or ".join(fixes))
+
+
+class OutOfMemory(UserError):
+    """A step did not fit in memory: the message says with which settings and what to change."""
+
+
+class TextSample:
+    """trainer.sample_every: every N steps a short text continuing trainer.sample_prompt ("" = the start of a
+    document: the end-of-document token) from the live params. Every process decodes (the params may be
+    sharded); the caller logs it from process 0."""
+
+    def __init__(self, trainer_cfg: dict, model, tokenizer, seed: int):
+        t = trainer_cfg
+        self.every, self.tokens, self.temperature = t["sample_every"], t["sample_tokens"], t["sample_temperature"]
+        if self.every < 0 or self.tokens < 1 or self.temperature < 0:
+            raise UserError(f"trainer.sample_every must be >= 0, trainer.sample_tokens >= 1 and "
+                            f"trainer.sample_temperature >= 0 (got {self.every}, {self.tokens}, {self.temperature})")
+        self.tokenizer, self.seed = tokenizer, seed
+        ids = tokenizer.encode_batch([t["sample_prompt"]])[0] if t["sample_prompt"] else [tokenizer.eos_id]
+        self.prompt = np.asarray(ids, np.int32)[None]
+        if self.prompt.shape[1] + self.tokens > model.max_position_embeddings:
+            raise UserError(f"trainer.sample_prompt ({self.prompt.shape[1]} tokens) + trainer.sample_tokens "
+                            f"({self.tokens}) exceed model.max_position_embeddings ({model.max_position_embeddings})")
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def __call__(self, backend, step: int) -> str:
+        from hal.generate import generate_live
+        out = generate_live(backend, self.prompt, self.tokens, self.temperature, top_k=50 if self.temperature else 0,
+                            seed=self.seed * 1_000_003 + step)
+        return self.tokenizer.decode(self.prompt[0].tolist() + out[0].tolist())
