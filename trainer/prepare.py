@@ -27,7 +27,7 @@ from trainer import tokenizer as tk
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-CHUNK_DOCS, CHUNK_BYTES = 1024, 4 << 20
+CHUNK_DOCS, CHUNK_BYTES = 4096, 8 << 20
 
 
 @dataclass
