@@ -53,8 +53,8 @@ _NO_BIAS_CORRECTION = (
 
 MUTANTS = [
     Mutant("torch-weight-decay-0.11", "torch's AdamW decays with 0.11 where 0.1 is asked",
-           "hal/torch_backend.py", '{"params": decay, "weight_decay": optim.weight_decay}',
-           '{"params": decay, "weight_decay": optim.weight_decay * 1.1}', (PARITY, f"{REF} -k torch")),
+           "hal/torch_backend.py", '"weight_decay": optim.weight_decay if decay else 0.0',
+           '"weight_decay": optim.weight_decay * 1.1 if decay else 0.0', (PARITY, f"{REF} -k torch")),
     Mutant("jax-eps-doubled", "optax's Adam gets eps 2e-8 where 1e-8 is asked",
            "hal/jax_backend.py", "optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)",
            "optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=2 * optim.eps)", (PARITY, f"{REF} -k jax")),

@@ -85,6 +85,26 @@ def choose(mesh_cfg: dict | None, rule: str, instance: str | None, n_devices: in
     return resolve({"fsdp": -1}, n_devices), "FSDP over all devices"
 
 
+def check_tensor_degree(cfg, tensor: int, framework: str) -> None:
+    """Raise UserError unless the tensor degree splits the heads and the MLP evenly. The KV heads too on
+    torch, whose tensor parallelism gives each rank whole KV heads; JAX replicates k/v projections its
+    tensor axis does not divide (grouped-query attention with fewer KV heads than the degree)."""
+    if tensor == 1:
+        return
+    sizes = [("model.num_attention_heads", cfg.num_attention_heads),
+             ("model.intermediate_size", cfg.intermediate_size)]
+    if framework == "torch":
+        kv = cfg.num_key_value_heads
+        if kv < tensor:
+            raise UserError(f"hal.mesh.tensor={tensor} exceeds model.num_key_value_heads ({kv}): hal=torch splits "
+                            f"whole KV heads over the tensor ranks; use hal.mesh.tensor <= {kv} (or hal=jax)")
+        sizes.append(("model.num_key_value_heads", kv))
+    for field, n in sizes:
+        if n % tensor:
+            raise UserError(f"hal.mesh.tensor={tensor} does not divide {field} ({n}); choose a tensor degree "
+                            f"that divides it")
+
+
 def partition(logical: tuple, shape: tuple, sizes: dict[str, int]) -> tuple:
     """Mesh axes for each dimension (a tuple entry: None, an axis name, or a tuple of names).
     A dimension that its mesh axes do not divide stays replicated; no mesh axis is used twice."""
@@ -107,4 +127,6 @@ LOGICAL_RULES = {
     "embed": "fsdp",
     "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
     "norm": None,
+    # activations: the residual stream's sequence on the tensor axis (sequence parallelism)
+    "seq": "tensor", "act_embed": None,
 }

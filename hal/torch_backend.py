@@ -1,18 +1,23 @@
-"""PyTorch backend: the same Llama in torch, torch.optim.AdamW with two param groups, and FSDP2
-(`fully_shard` per transformer block and at the root) over a DeviceMesh when launched by torchrun
-(GPU: nccl, CPU: gloo). Hybrid sharding (replicate x shard) when the mesh has data > 1."""
+"""PyTorch backend: the same Llama in torch, torch.optim.AdamW with two param groups, and, when launched by
+torchrun (GPU: nccl, CPU: gloo), a (data, fsdp, tensor) DeviceMesh: tensor and sequence parallelism over
+`tensor` (hal.torch_parallel), FSDP2 (`fully_shard` per transformer block and at the root) over fsdp,
+hybrid (replicate x shard) when data > 1."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import numpy as np
 
-from hal import distributed, layout, neuron, store
+from hal import distributed, layout, neuron, store, torch_parallel
 from hal import mesh as meshlib
 from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError
-from hal.fsdp_store import RowShardStore
+from hal.fsdp_store import ShardStore
 from models.spec import LlamaConfig, decays
+
+log = logging.getLogger(__name__)
+
 
 def _select_device(platform: str, local_rank: int, hooks: "neuron.NeuronHooks | None"):
     import torch
@@ -45,25 +50,39 @@ def _keep_jax_on_the_host() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def _fsdp_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, world: int,
+def _torch_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, world: int,
                fsdp2: bool = True) -> tuple[dict, str]:
-    """The (data, fsdp) mesh and where it came from. torch has no tensor parallelism here: a tensor axis
-    asked for in hal.mesh is an error; a platform rule's (e.g. Trainium's TP inside a chip) folds into fsdp.
-    Without FSDP2 (torch-neuronx over torch_xla) every process holds the whole state: data parallel only."""
+    """The (data, fsdp, tensor) mesh and where it came from: hal.mesh, else the platform rule (its tensor
+    axis used as written), else FSDP over every process. Without FSDP2 (torch-neuronx over torch_xla)
+    every process holds the whole state: data parallel only."""
     if not fsdp2:
         if mesh and any(mesh.get(axis, 1) != 1 for axis in ("fsdp", "tensor")):
             raise UserError(f"this torch stack has no FSDP2 (every process holds the whole state): set "
                             f"hal.mesh.fsdp=1 and hal.mesh.tensor=1 (mesh {dict(mesh)})")
         return ({"data": world, "fsdp": 1, "tensor": 1},
                 "replicated: data parallel over every process (this stack has no FSDP2)")
-    sizes, source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), world)
-    if sizes["tensor"] == 1:
-        return sizes, source
-    if mesh:
-        raise UserError(f"hal=torch shards with FSDP2 over (data, fsdp); tensor parallelism is JAX-only for "
-                        f"now: set hal.mesh.tensor=1 (mesh {sizes})")
-    return (dict(sizes, fsdp=sizes["fsdp"] * sizes["tensor"], tensor=1),
-            source + " (tensor axis folded into fsdp: torch has no tensor parallelism yet)")
+    return meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), world)
+
+
+def _bytes_line(parts: dict) -> str:
+    """{part: bytes} as 'params 1.2 MiB, optimizer 2.4 MiB, ...' for the log."""
+    return ", ".join(f"{name} {n / 2 ** 20:.2f} MiB" for name, n in parts.items())
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def _copies(t, world: int) -> int:
+    """How many ranks hold the same values as this rank's part of `t`: for a DTensor, the ranks that differ
+    only in mesh dims that do not shard it (and those outside its mesh); for a plain tensor, every rank."""
+    if not _is_dtensor(t):
+        return world
+    shards = 1
+    for size, placement in zip(t.device_mesh.shape, t.placements):
+        if not (placement.is_replicate() or placement.is_partial()):   # Shard, or FSDP2's _StridedShard
+            shards *= size
+    return world // shards
 
 
 class TorchBackend(Backend):
@@ -96,76 +115,99 @@ class TorchBackend(Backend):
         # beside it by more than a blocking save costs (bench/RESULTS.md): block there. Neuron (torch-xla /
         # TorchNeuron) blocks too: a second thread beside its graphs is untested.
         self.async_save_default = self.platform == "gpu"
+        self._bytes_logged = False
         self.distributed = env.multi_process
         self.comm_backend = distributed.comm_backend(self.platform, self.hooks and self.hooks.process_group_backend)
         self.process_index, self.process_count = distributed.initialize_torch(self.comm_backend, env)
-        self.mesh_sizes, self.mesh_source = _fsdp_mesh(mesh, mesh_rule, instance_type, env.world_size,
-                                                       fsdp2=self.hooks is None or self.hooks.supports_fsdp2)
-        self._rows = RowShardStore(self.mesh_sizes, self.process_index, self._from_rank0)
+        self.mesh_sizes, self.mesh_source = _torch_mesh(mesh, mesh_rule, instance_type, env.world_size,
+                                                        fsdp2=self.hooks is None or self.hooks.supports_fsdp2)
+        meshlib.check_tensor_degree(model, self.mesh_sizes["tensor"], "torch")
+        self._tensor_dims = torch_parallel.tensor_dims(model, self.mesh_sizes["tensor"])
+        self._vocab_parallel = torch_parallel.vocab_parallel(model, self.mesh_sizes["tensor"])
+        self._rows = ShardStore(self.mesh_sizes, self.process_index, self._from_rank0,
+                                {key(n): d for n, d in self._tensor_dims.items()
+                                 for key in (layout.param_key, layout.mu_key, layout.nu_key)})
         self.net = self._build_net(remat, compile, compile_backend, document_eos)
         self.opt = self._build_optimizer(optim)
 
     def _build_net(self, remat: bool, compile: bool, compile_backend: str, document_eos: int | None):
-        """The model on this backend's device: FSDP2-sharded over several processes, compiled per block
-        with `compile` (as torchtitan does: one graph reused by every block). Document masks go through
-        flex_attention on CUDA (blocks across documents skipped), SDPA with a boolean mask elsewhere."""
+        """The model on this backend's device: tensor-parallel over the mesh's tensor axis, FSDP2-sharded
+        over its data x fsdp axes, compiled per block with `compile` (as torchtitan does: one graph reused
+        by every block). Document masks go through flex_attention on CUDA (blocks across documents
+        skipped), SDPA with a boolean mask elsewhere."""
         from models.llama_torch import LlamaForCausalLM
         with self._torch.device("meta"):
             net = LlamaForCausalLM(self.model, document_eos)
         net.activation_checkpointing = remat
         net.flex_attention = self.device.type == "cuda"
-        self.device_mesh = None
+        self.device_mesh, self.fsdp = None, False
+        if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
+            self.device_mesh = self._device_mesh()
+            if self.mesh_sizes["tensor"] > 1:
+                torch_parallel.parallelize(net, self.device_mesh["tensor"], self.model)
         if compile:
             for layer in net.model.layers:
                 layer.compile(backend=compile_backend)
         self.compiled = compile
-        if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
+        if self.device_mesh is not None and self.mesh_sizes["data"] * self.mesh_sizes["fsdp"] > 1:
             net = self._fully_shard(net)
         return net.to_empty(device=self.device)
 
+    def _device_mesh(self):
+        """The DeviceMesh over every process: (data, fsdp, tensor), rank-major in that order (a tensor group
+        is consecutive ranks, e.g. the NeuronCores of one chip or the GPUs of one NVLink domain)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        shape = tuple(self.mesh_sizes[a] for a in meshlib.AXES)
+        return init_device_mesh(self.device.type, shape, mesh_dim_names=meshlib.AXES)
+
     def _build_optimizer(self, optim: OptimizerSpec):
-        """AdamW with two param groups (weight decay on 2-D weights only). lr is set before every step from
-        the trainer's schedule; 0.0 here is never used. On CPU and CUDA the fused kernel updates every
-        tensor in one pass, much faster than the per-tensor loop."""
+        """AdamW with weight decay on 2-D weights only. lr is set before every step from the trainer's
+        schedule; 0.0 here is never used. On CPU and CUDA the fused kernel updates every tensor of a group in
+        one pass, much faster than the per-tensor loop; it takes DTensors and plain tensors in separate
+        groups (tensor parallelism without FSDP2 keeps a vocabulary it does not split as plain tensors)."""
         named = dict(self.net.named_parameters())
         self._names = list(named)
-        decay = [p for n, p in named.items() if decays(n, tuple(p.shape))]
-        no_decay = [p for n, p in named.items() if not decays(n, tuple(p.shape))]
+        groups = []
+        for decay in (True, False):
+            for dtensor in (True, False):
+                params = [p for n, p in named.items()
+                          if decays(n, tuple(p.shape)) == decay and _is_dtensor(p) == dtensor]
+                if params:
+                    groups.append({"params": params, "weight_decay": optim.weight_decay if decay else 0.0})
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        return self._torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps, **fused)
+        return self._torch.optim.AdamW(groups, lr=0.0, betas=(optim.b1, optim.b2), eps=optim.eps, **fused)
 
     def _from_rank0(self, value):
         """Rank 0's `value`, on every rank (collective, on the host group)."""
         return distributed.from_rank0(value)
 
     def _fully_shard(self, net):
-        """FSDP2: one unit per decoder block, the root (embeddings, final norm, head) last."""
+        """FSDP2: one unit per decoder block, the root (embeddings, final norm, head) last; hybrid (replicate
+        over data, shard over fsdp) when data > 1."""
         torch = self._torch
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        d, f = self.mesh_sizes["data"], self.mesh_sizes["fsdp"]
-        device_type = self.device.type
-        if d > 1:   # hybrid: replicate over data, shard over fsdp
-            self.device_mesh = init_device_mesh(device_type, (d, f), mesh_dim_names=("data", "fsdp"))
-        else:
-            self.device_mesh = init_device_mesh(device_type, (f,), mesh_dim_names=("fsdp",))
+        fsdp_mesh = self.device_mesh["data", "fsdp"] if self.mesh_sizes["data"] > 1 else self.device_mesh["fsdp"]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
         for layer in net.model.layers:
-            fully_shard(layer, mesh=self.device_mesh, mp_policy=mp)
-        fully_shard(net, mesh=self.device_mesh, mp_policy=mp)
+            fully_shard(layer, mesh=fsdp_mesh, mp_policy=mp)
+        fully_shard(net, mesh=fsdp_mesh, mp_policy=mp)
+        self.fsdp = True
         return net
+
+    def _batch_groups(self) -> int:
+        """Processes that read different rows: data x fsdp (the ranks of one tensor group read the same)."""
+        return self.process_count // self.mesh_sizes["tensor"]
 
     def check_batch(self, micro_batch: int) -> None:
         self._micro_batch = micro_batch
-        if micro_batch % self.process_count:
-            raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the number of processes "
-                            f"({self.process_count})")
+        groups = self._batch_groups()
+        if micro_batch % groups:
+            raise UserError(f"trainer.micro_batch ({micro_batch}) must be a multiple of the mesh's data x fsdp "
+                            f"size ({groups}, mesh {self.mesh_sizes}); change the batch or hal.mesh")
 
     def _autocast(self):
-        if self.precision == "bf16" and not self.device_mesh:   # FSDP2 casts through its MixedPrecisionPolicy
+        if self.precision == "bf16" and not self.fsdp:   # FSDP2 casts through its MixedPrecisionPolicy
             device_type = self.hooks.autocast_device if self.hooks else self.device.type
             return self._torch.autocast(device_type=device_type, dtype=self._torch.bfloat16)
         return contextlib.nullcontext()
@@ -180,11 +222,32 @@ class TorchBackend(Backend):
     def _reduced_gradients(self) -> list:
         """The gradients, averaged over the replicas before anything reads them (a norm of one rank's own
         gradients differs from rank to rank): FSDP2 reduced them in its backward; on torch_xla,
-        xm.reduce_gradients all-reduces them here (what xm.optimizer_step would do after the clipping)."""
+        xm.reduce_gradients all-reduces them here (what xm.optimizer_step would do after the clipping).
+        Tensor parallelism without FSDP2 leaves the gradients of replicated DTensor parameters (the
+        sequence-parallel norms) partial sums over the tensor ranks: they are summed here."""
         if self.hooks is not None and self.hooks.optimizer_step is neuron.OptimizerStep.XM:
             import torch_xla.core.xla_model as xm
             xm.reduce_gradients(self.opt)
-        return [p.grad for p in self.net.parameters()]
+        params = list(self.net.parameters())
+        for p in params:
+            if _is_dtensor(p.grad) and any(placement.is_partial() for placement in p.grad.placements):
+                p.grad = p.grad.redistribute(placements=p.placements)
+        return [p.grad for p in params]
+
+    def _global_norm(self, grads: list):
+        """The L2 norm of every gradient together, a device scalar equal on every rank. Sharded (DTensor)
+        gradients add each rank's sum of squares, weighted by 1 / the number of ranks holding the same
+        block, in one all-reduce over every rank (their meshes and placements differ: tensor-parallel
+        weights, replicated norms, FSDP2-only embeddings). Without a DeviceMesh every rank holds whole,
+        already averaged gradients."""
+        torch = self._torch
+        if self.device_mesh is None:
+            return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in grads:
+            squares += self._local(g).float().pow(2).sum() / _copies(g, self.process_count)
+        self._dist.all_reduce(squares)
+        return squares.sqrt()
 
     def _clip(self, grads: list, norm) -> None:
         """Clip as optax.clip_by_global_norm does: g / norm * max_norm when norm exceeds max_norm. The norm
@@ -220,14 +283,26 @@ class TorchBackend(Backend):
                 "device_kind": devices[0] if self.platform == "gpu" else self.platform,
                 "precision": self.precision, "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
                 "comm_backend": self.comm_backend if self.distributed else None,
-                "neuron_stack": self.hooks.stack if self.hooks else None}
+                "neuron_stack": self.hooks.stack if self.hooks else None,
+                "bytes_per_device": self.state_bytes()}
+
+    def state_bytes(self) -> dict:
+        """Bytes of train state this process holds, measured on its tensors: parameters (the storage of each
+        local shard) and AdamW's two moments, float32 and laid out like the parameters (measured where the
+        optimizer has made them, else twice the parameters' float32 bytes)."""
+        params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                  for p in (self._local(q) for q in self.net.parameters())}
+        moments = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for st in self.opt.state.values()
+                   for t in (self._local(st["exp_avg"]), self._local(st["exp_avg_sq"]))}
+        param_bytes = sum(params.values())
+        return {"params": param_bytes, "optimizer": sum(moments.values()) if moments else 2 * param_bytes}
 
     # -- state ---------------------------------------------------------------------------------
     def _to_param_layout(self, p, full: np.ndarray):
         """A full host array -> a tensor laid out like parameter p (a DTensor shard under FSDP2)."""
         torch = self._torch
         t = torch.from_numpy(np.array(full, np.float32, copy=True)).to(self.device)
-        if self.device_mesh is not None:       # FSDP2; without it every process holds the whole tensor
+        if _is_dtensor(p):                     # sharded (FSDP2, tensor parallel); else held whole
             from torch.distributed.tensor import distribute_tensor
             t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
         return t
@@ -357,7 +432,7 @@ class TorchBackend(Backend):
                 vals = {}
                 for key in (layout.param_key(n), layout.mu_key(n), layout.nu_key(n)):
                     rows = local[key]
-                    if not self._rows.row_sharded(tuple(p.shape)):       # replicated on read: take this rank's rows
+                    if not self._rows.sharded(key, tuple(p.shape)):      # read whole: take this rank's part
                         rows = self._local(self._to_param_layout(p, rows)).cpu().numpy()
                     vals[key] = torch.from_numpy(np.array(rows, np.float32)).to(self.device)
                 self._local(p).copy_(vals[layout.param_key(n)])
@@ -376,8 +451,10 @@ class TorchBackend(Backend):
 
     # -- compute -------------------------------------------------------------------------------
     def batch_rows(self, micro_batch: int) -> slice:
-        per = micro_batch // self.process_count
-        return slice(self.process_index * per, (self.process_index + 1) * per)
+        """Rank r of a (data, fsdp, tensor) mesh reads the rows of batch group r // tensor."""
+        per = micro_batch // self._batch_groups()
+        group = self.process_index // self.mesh_sizes["tensor"]
+        return slice(group * per, (group + 1) * per)
 
     def _mine(self, tokens: np.ndarray):
         """This rank's rows of each micro-batch (given whole, or only this rank's rows), as a long tensor on
@@ -395,9 +472,18 @@ class TorchBackend(Backend):
         return x
 
     def _loss(self, tokens):
+        """The mean loss of one micro-batch, as a DTensor where the logits are vocabulary-parallel (their
+        backward must run inside self._loss_context() too)."""
+        t = self.mesh_sizes["tensor"]
+        if t > 1 and (tokens.shape[1] - 1) % t:
+            raise UserError(f"trainer.seq_len ({tokens.shape[1] - 1}) must be a multiple of hal.mesh.tensor ({t}): "
+                            f"the sequence is split over the tensor ranks between the blocks")
         with self._autocast():
             logits = self.net(tokens[:, :-1])
         return self._cross_entropy(logits, tokens[:, 1:])
+
+    def _loss_context(self):
+        return torch_parallel.loss_context(self._vocab_parallel)
 
     def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
         torch = self._torch
@@ -406,14 +492,15 @@ class TorchBackend(Backend):
         accum = batch.shape[0]
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for micro in batch:
-            loss = self._loss(micro)
-            (loss / accum).backward()        # FSDP2 averages gradients over ranks in its reduce-scatter
-            total += loss.detach()
+        saved = {}
+        for i, micro in enumerate(batch):
+            with self._loss_context():
+                with self._saved_bytes(saved) if i == 0 and not self._bytes_logged else contextlib.nullcontext():
+                    loss = self._loss(micro)
+                (loss / accum).backward()    # FSDP2 averages gradients over ranks in its reduce-scatter
+            total += self._local(loss.detach())
         grads = self._reduced_gradients()
-        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self._global_norm(grads)
         self._clip(grads, grad_norm)
         loss, norm = self._to_host(self._mean_over_ranks(total / accum), grad_norm)
         # A non-finite loss or gradient never reaches the state: the update (and its count) is skipped.
@@ -422,18 +509,34 @@ class TorchBackend(Backend):
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self._optimizer_step()
+        if not self._bytes_logged:
+            self._bytes_logged = True
+            log.info("process %d holds %s (activations: what autograd saved for the backward pass of one "
+                     "micro-batch of %d rows)", self.process_index,
+                     _bytes_line(dict(self.state_bytes(), activations=sum(saved.values()))), batch.shape[1])
         return StepMetrics(loss=loss, grad_norm=norm, skipped=skipped)
+
+    def _saved_bytes(self, into: dict):
+        """A context in which autograd's saved tensors are counted into {storage: bytes} (this process's part
+        of each, each storage once); parameters, saved as themselves, are not activations."""
+        def pack(t):
+            local = t._local_tensor if _is_dtensor(t) else t
+            if not (t.is_leaf and t.requires_grad) and local.device.type != "meta":
+                into[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+            return t
+        return self._torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def eval_loss(self, tokens: np.ndarray) -> float:
         torch = self._torch
         self.net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._loss_context():
             batch = self._mine(tokens)
-            return float(self._mean_over_ranks(torch.stack([self._loss(micro) for micro in batch]).mean()))
+            losses = torch.stack([self._local(self._loss(micro)) for micro in batch])
+            return float(self._mean_over_ranks(losses.mean()))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         torch = self._torch
         self.net.eval()
         with torch.no_grad(), self._autocast():
             out = self.net(torch.from_numpy(np.asarray(tokens, np.int64)).to(self.device))
-        return out.float().cpu().numpy()
+        return self._full(out)

@@ -142,11 +142,10 @@ def stack_of(spec: dict) -> dict:
 
 
 def mesh_for(framework: str, instance_type: str | None, devices: int) -> tuple[dict, str]:
-    """The mesh trichip builds: hal.mesh.choose, as both backends call it; torch folds a platform rule's
-    tensor axis into fsdp (hal.torch_backend._fsdp_mesh: FSDP2 has no tensor parallelism here)."""
+    """The mesh trichip builds: hal.mesh.choose, as both backends call it (hal.torch_backend._torch_mesh)."""
     if framework == "torch":
-        from hal.torch_backend import _fsdp_mesh
-        return _fsdp_mesh(None, "auto", instance_type, devices)
+        from hal.torch_backend import _torch_mesh
+        return _torch_mesh(None, "auto", instance_type, devices)
     return meshlib.choose(None, "auto", instance_type, devices)
 
 
@@ -154,12 +153,15 @@ def mesh_for(framework: str, instance_type: str | None, devices: int) -> tuple[d
 
 def shard_elements(cfg: LlamaConfig, mesh: dict, framework: str) -> int:
     """Parameter elements one device holds. JAX: the logical axis rules (hal.mesh.partition) as the JAX
-    backend applies them; torch FSDP2: every parameter split on dim 0 over fsdp ranks (padded to equal rows)."""
+    backend applies them; torch: the tensor axis splits what hal.torch_parallel.tensor_dims says, then FSDP2
+    splits dim 0 of each rank's part over fsdp ranks (padded to equal rows)."""
+    from hal.torch_parallel import tensor_dims
     total = 0
+    split = tensor_dims(cfg, mesh["tensor"]) if framework == "torch" else {}
     for name, shape in param_shapes(cfg).items():
         if framework == "torch":
-            rows = math.ceil(shape[0] / mesh["fsdp"])
-            total += rows * math.prod(shape[1:])
+            part = [n // mesh["tensor"] if split[name] == i else n for i, n in enumerate(shape)]
+            total += math.ceil(part[0] / mesh["fsdp"]) * math.prod(part[1:])
             continue
         parts = meshlib.partition(logical_axes(name, shape), shape, mesh)
         div = 1

@@ -89,9 +89,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None):
         b, t, _ = x.shape
         cfg, hd = self.cfg, self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, hd).transpose(1, 2)
+        # -1: the heads this rank holds (all of them, or its share under tensor parallelism)
+        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa: query head j reads kv head j // (heads / kv_heads), as HF's repeat_kv does.
         gqa = cfg.num_key_value_heads != cfg.num_attention_heads
@@ -173,8 +174,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         h = self.model.norm(x)
-        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, w).float()
+        logits = F.linear(h, self.model.embed_tokens.weight) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return logits.float()
 
 
 def cross_entropy(logits, targets):

@@ -21,8 +21,8 @@ def main(rank: int, port: str, path: str, out: str) -> None:
     import torch.distributed as dist
 
     from hal import distributed, layout
-    from hal.fsdp_store import RowShardStore
-    from hal.torch_backend import _fsdp_mesh
+    from hal.fsdp_store import ShardStore
+    from hal.torch_backend import _torch_mesh
 
     distributed.initialize_torch("cuda:gloo", distributed.launch_env())
     try:
@@ -35,8 +35,8 @@ def main(rank: int, port: str, path: str, out: str) -> None:
     shared = distributed.from_rank0({"from": rank})
     distributed.host_barrier()
 
-    mesh, source = _fsdp_mesh(None, "auto", "trn1.32xlarge", 2, fsdp2=False)
-    rows = RowShardStore(mesh, rank, distributed.from_rank0)
+    mesh, source = _torch_mesh(None, "auto", "trn1.32xlarge", 2, fsdp2=False)
+    rows = ShardStore(mesh, rank, distributed.from_rank0)
     rng = np.random.default_rng(0)      # the same on both ranks: a replicated state
     tensors = {layout.param_key("model.embed_tokens.weight"): torch.from_numpy(rng.standard_normal((6, 4), np.float32)),
                layout.mu_key("model.norm.weight"): torch.from_numpy(rng.standard_normal(3, np.float32))}

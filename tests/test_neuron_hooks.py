@@ -290,9 +290,9 @@ def test_checkpoint_without_fsdp2_writes_and_reads_what_each_rank_holds(gloo_run
 
 
 def test_torch_without_fsdp2_is_data_parallel_only():
-    from hal.torch_backend import _fsdp_mesh
-    sizes, source = _fsdp_mesh(None, "auto", "trn1.32xlarge", 32, fsdp2=False)
+    from hal.torch_backend import _torch_mesh
+    sizes, source = _torch_mesh(None, "auto", "trn1.32xlarge", 32, fsdp2=False)
     assert sizes == {"data": 32, "fsdp": 1, "tensor": 1} and "no FSDP2" in source
     with pytest.raises(UserError, match="hal.mesh.fsdp=1"):
-        _fsdp_mesh({"fsdp": 4}, "auto", None, 4, fsdp2=False)
-    assert _fsdp_mesh(None, "auto", "trn1.32xlarge", 32)[0] == {"data": 1, "fsdp": 32, "tensor": 1}
+        _torch_mesh({"fsdp": 4}, "auto", None, 4, fsdp2=False)
+    assert _torch_mesh(None, "auto", "trn1.32xlarge", 32)[0] == {"data": 1, "fsdp": 16, "tensor": 2}

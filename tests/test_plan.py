@@ -48,7 +48,7 @@ def test_mesh_is_the_platform_rule():
     row = planner.plan_target(SIZES["small"], planner.parse_target("16xh100", CATALOG), CATALOG, settings())
     assert row["mesh"] == meshlib.choose(None, "auto", "p5.48xlarge", 16)[0] == {"data": 2, "fsdp": 8, "tensor": 1}
     trn = planner.plan_target(SIZES["small"], planner.parse_target("trn2.48xlarge", CATALOG), CATALOG, settings())
-    assert trn["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1} and "folded" in trn["mesh_source"]
+    assert trn["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4} and trn["mesh_source"] == "mesh rule for trn2.48xlarge"
 
 
 def test_memory_shrinks_with_fsdp_degree():
