@@ -3,13 +3,17 @@ Neuron PJRT plugin, CPU host devices), NamedSharding through logical axis rules,
 jax.distributed."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from hal import layout, neuron, store
 from hal import mesh as meshlib
 from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, first_line
 from hal.distributed import initialize_jax, launch_env
-from models.spec import LlamaConfig, flatten, logical_axes, nest, param_shapes
+from models.spec import RESIDUAL_AXES, LlamaConfig, flatten, logical_axes, nest, param_shapes
+
+log = logging.getLogger(__name__)
 
 # jax.default_backend() names -> trichip platform names
 _PLATFORM_OF = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "neuron": "neuron"}
@@ -58,12 +62,37 @@ def _attention_impl(asked: str, platform: str, precision: str) -> str:
     return asked
 
 
-def make_loss_fn(net, cross_entropy):
-    """loss(params, tokens [B, T + 1]): mean next-token cross-entropy of the Flax module `net`."""
+def make_loss_fn(apply, cross_entropy):
+    """loss(params, tokens [B, T + 1]): mean next-token cross-entropy of `apply`, a Flax module's apply."""
     def loss_fn(params, tokens):
-        logits = net.apply({"params": params}, tokens[:, :-1])
+        logits = apply({"params": params}, tokens[:, :-1])
         return cross_entropy(logits, tokens[:, 1:])
     return loss_fn
+
+
+def sequence_parallel(apply, mesh, sizes: dict):
+    """`apply` (a Flax module's apply) with the residual stream between the blocks laid out as the logical
+    rules say for models.spec.RESIDUAL_AXES (batch, seq, act_embed): the sequence split over the tensor
+    axis, so the norms and residual adds run on seq_len / tensor positions per device, as torch's sequence
+    parallelism does; XLA gathers the sequence before attention and the MLP, and reduce-scatters after."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from models.llama_jax import DecoderLayer
+
+    def constrain(x):
+        spec = P(*meshlib.partition(RESIDUAL_AXES, x.shape, sizes))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def residual_sharded(next_fun, args, kwargs, context):
+        if not (isinstance(context.module, DecoderLayer) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        return constrain(next_fun(constrain(args[0]), *args[1:], **kwargs))
+
+    def sequence_parallel_apply(*args, **kwargs):
+        with nn.intercept_methods(residual_sharded):
+            return apply(*args, **kwargs)
+    return sequence_parallel_apply
 
 
 def make_train_step(loss_fn, tx):
@@ -146,6 +175,7 @@ class JaxBackend(Backend):
         self._build_model(remat, document_eos)
         self._compile_functions()
         self.params = self.opt_state = None
+        self._bytes_logged = False
 
     def _place_on_mesh(self, mesh: dict | None, mesh_rule: str, instance_type: str | None) -> None:
         """The device mesh, and the shardings of params, optimizer state and batches on it."""
@@ -153,6 +183,7 @@ class JaxBackend(Backend):
         from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
         n = jax.device_count()
         self.mesh_sizes, self.mesh_source = meshlib.choose(mesh, mesh_rule, meshlib.instance_type(instance_type), n)
+        meshlib.check_tensor_degree(self.model, self.mesh_sizes["tensor"], "jax")
         self.mesh = jax.make_mesh(tuple(self.mesh_sizes[a] for a in meshlib.AXES), meshlib.AXES,
                                   axis_types=(AxisType.Auto,) * len(meshlib.AXES))
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
@@ -180,7 +211,10 @@ class JaxBackend(Backend):
         net, rep, batch = self.net, self.replicated, self.batch_sharding
         p_sh = nest(self.param_shardings)
         opt_sh = self._opt_shardings(p_sh)
-        loss_fn = make_loss_fn(net, cross_entropy)
+        apply = net.apply
+        if self.mesh_sizes["tensor"] > 1:
+            apply = sequence_parallel(apply, self.mesh, self.mesh_sizes)
+        loss_fn = make_loss_fn(apply, cross_entropy)
         self._train_step = jax.jit(make_train_step(loss_fn, self.tx), donate_argnums=(0, 1),
                                    in_shardings=(p_sh, opt_sh, batch, rep), out_shardings=(p_sh, opt_sh, rep, rep))
         self._eval_loss = jax.jit(make_eval_loss(loss_fn), in_shardings=(p_sh, batch), out_shardings=rep)
@@ -221,7 +255,8 @@ class JaxBackend(Backend):
                 "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
                 "device_kind": jax.devices()[0].device_kind,
                 "process_count": self.process_count, "precision": self.precision, "attention": self.attention,
-                "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source}
+                "mesh": dict(self.mesh_sizes), "mesh_source": self.mesh_source,
+                "bytes_per_device": self.state_bytes()}
 
     # -- state ---------------------------------------------------------------------------------
     def batch_rows(self, micro_batch: int) -> slice:
@@ -317,10 +352,37 @@ class JaxBackend(Backend):
     # -- compute -------------------------------------------------------------------------------
     def train_step(self, tokens: np.ndarray, lr: float) -> StepMetrics:
         batch = self._put_batch(tokens)
-        self.params, self.opt_state, loss, grad_norm = self._train_step(
-            self.params, self.opt_state, batch, np.float32(lr))
+        step_args = (self.params, self.opt_state, batch, np.float32(lr))
+        self.params, self.opt_state, loss, grad_norm = self._train_step(*step_args)
         loss, grad_norm = float(loss), float(grad_norm)
+        if not self._bytes_logged:
+            self._bytes_logged = True
+            self._log_bytes(step_args)
         return StepMetrics(loss=loss, grad_norm=grad_norm, skipped=not (np.isfinite(loss) and np.isfinite(grad_norm)))
+
+    def state_bytes(self) -> dict:
+        """Bytes of train state on this process's first device, measured on its shards: parameters and the
+        optimizer state (AdamW's moments and count). Before a state is placed: the shards' shapes."""
+        def on_device(tree) -> int:
+            return sum(leaf.addressable_shards[0].data.nbytes for leaf in self._jax.tree.leaves(tree))
+        if self.params is None:
+            params = sum(4 * int(np.prod(sh.shard_shape(param_shapes(self.model)[k])))
+                         for k, sh in self.param_shardings.items())
+            return {"params": params, "optimizer": 2 * params + 4}
+        return {"params": on_device(self.params), "optimizer": on_device(self.opt_state)}
+
+    def _log_bytes(self, step_args) -> None:
+        """Log the per-device bytes of the layout: the state's, and XLA's temporaries of the train step (the
+        activations kept for the backward pass, gradients, gathered weights) from its memory analysis. The
+        step is compiled already: lowering it again finds it in JAX's cache."""
+        shapes = self._jax.tree.map(lambda a: self._jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                    step_args[:3])
+        analysis = self._train_step.lower(*shapes, step_args[3]).compile().memory_analysis()
+        temporaries = getattr(analysis, "temp_size_in_bytes", None)
+        parts = dict(self.state_bytes(), **({"step temporaries": temporaries} if temporaries is not None else {}))
+        log.info("process %d: each device holds %s (temporaries: XLA's memory analysis of the train step: "
+                 "activations, gradients, gathered weights)", self.process_index,
+                 ", ".join(f"{k} {v / 2 ** 20:.2f} MiB" for k, v in parts.items()))
 
     def eval_loss(self, tokens: np.ndarray) -> float:
         return float(self._eval_loss(self.params, self._put_batch(tokens)))

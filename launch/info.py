@@ -1,5 +1,10 @@
 """python -m launch.info — what this machine can train on: frameworks, versions, devices, and for each
-target (CPU, GPU, TPU, Trainium) whether it runs here and, if not, what to install."""
+target (CPU, GPU, TPU, Trainium) whether it runs here and, if not, what to install.
+
+python -m launch.info [--devices N] OVERRIDES... (launch.train's, e.g. hal=torch model=small
+'hal.mesh={fsdp:4,tensor:2}') adds the per-device bytes of that run's layout: parameters, optimizer state,
+activations and the rest of a train step, as launch.planner estimates them (the run's log measures them).
+N devices: by default the product of hal.mesh's sizes."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -39,13 +44,65 @@ def report() -> dict:
             "targets": targets, "trainium": {"instance_type": instance, **verdict(probe, instance)}}
 
 
+def layout(overrides: list[str], devices: int | None) -> dict:
+    """The mesh a run with these launch.train overrides builds on `devices` devices, and the per-device bytes
+    of its train step by part (launch.planner.memory)."""
+    from configs.schema import compose
+    from hal import mesh as meshlib
+    from hal.base import UserError
+    from launch import planner
+    from models.spec import LlamaConfig
+    cfg = compose(overrides)
+    hal, t = cfg["hal"], cfg["trainer"]
+    sizes = dict(hal["mesh"] or {})
+    if devices is None:
+        if not sizes or any(v == -1 for v in sizes.values()):
+            raise UserError("launch.info: give --devices N, or every axis of hal.mesh, to size the layout")
+        devices = 1
+        for v in sizes.values():
+            devices *= v
+    mesh, source = meshlib.choose(sizes or None, hal["mesh_rule"], meshlib.instance_type(hal["instance_type"]),
+                                  devices)
+    model = LlamaConfig.from_dict(cfg["model"])
+    meshlib.check_tensor_degree(model, mesh["tensor"], hal["framework"])
+    family = {"neuron": "trainium"}.get(hal["platform"], hal["platform"] if hal["platform"] != "auto" else "cpu")
+    micro = t["micro_batch"] or t["global_batch"]
+    parts = planner.memory(model, mesh, hal["framework"], micro, t["seq_len"], t["precision"], t["remat"],
+                           planner.attention_kind(family, hal["framework"], t["precision"]),
+                           accum=t["global_batch"] // micro)
+    shard = planner.shard_elements(model, mesh, hal["framework"])
+    rest = {k: v for k, v in parts.items() if k != "params+moments"}
+    return {"framework": hal["framework"], "devices": devices, "mesh": mesh, "mesh_source": source,
+            "micro_batch": micro, "seq_len": t["seq_len"], "precision": t["precision"],
+            "bytes_per_device": {"params": 4 * shard, "optimizer": 8 * shard, **rest}}
+
+
+def _print_layout(lay: dict) -> None:
+    b = lay["bytes_per_device"]
+    print(f"layout: hal={lay['framework']} on {lay['devices']} devices, mesh {lay['mesh']} ({lay['mesh_source']}), "
+          f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens, {lay['precision']}")
+    print("  per device: " + ", ".join(f"{k} {v / 2 ** 20:.2f} MiB" for k, v in b.items())
+          + f"; total {sum(b.values()) / 2 ** 30:.3f} GiB (launch.planner's estimate)")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    devices = int(argv[argv.index("--devices") + 1]) if "--devices" in argv else None
     info = report()
+    if overrides or devices:
+        from hal.base import UserError
+        try:
+            info["layout"] = layout(overrides, devices)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if "--json" in argv:
         print(json.dumps(info, indent=1))
         return 0
     print(f"python {info['python']}")
+    if "layout" in info:
+        _print_layout(info["layout"])
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"devices: jax {info['devices']['jax'] or '-'}, torch {info['devices']['torch'] or '-'}, "
           f"/dev/neuron* {info['devices']['neuron_devices']}")

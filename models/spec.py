@@ -228,6 +228,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Logical axes of the residual stream between the decoder blocks, [batch, seq, hidden]: a backend's rules
+# may split the sequence (sequence parallelism over the tensor axis) where the blocks gather it.
+RESIDUAL_AXES = ("batch", "seq", "act_embed")
+
+
 def logical_axes(name: str, shape: tuple[int, ...]) -> tuple[str | None, ...]:
     """Logical axis names of a canonical parameter; a backend's rules map them onto mesh axes.
 

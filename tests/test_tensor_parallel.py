@@ -16,7 +16,7 @@ from hal import store
 from hal.base import UserError
 from hal.mesh import check_tensor_degree
 from hal.torch_parallel import storage_spec, tensor_dims
-from models.spec import SIZES, LlamaConfig
+from models.spec import SIZES, LlamaConfig, param_shapes
 from tests.conftest import ROOT, cli, metrics, train
 from tests.tolerances import LOSS_RTOL
 
@@ -205,3 +205,57 @@ def test_bf16_fsdp2_x_tensor2_trains(tmp_path):
     ls = losses(run)
     assert np.isfinite(ls).all() and ls[-1] < ls[0] - 1.0
     assert writer(run, STEPS)["precision"] == "bf16"
+
+
+# -- JAX: the same mesh, the same layout of activations ------------------------------------------------------
+
+RESIDUAL_PROBE = """
+import json, re, sys
+import numpy as np
+from hal.base import HostState, OptimizerSpec
+from hal.jax_backend import JaxBackend
+from models.spec import SIZES, reference_init
+b = JaxBackend(SIZES["tiny"], OptimizerSpec(), platform="cpu", mesh={"data": 1, "fsdp": 2, "tensor": 2})
+b.check_batch(8)
+b.set_state(HostState.fresh(reference_init(SIZES["tiny"], 0)))
+tokens = b._put_batch(np.zeros((1, 8, 65), np.int32))
+hlo = b._train_step.lower(b.params, b.opt_state, tokens, np.float32(1e-3)).compile().as_text()
+adds = sorted({"x".join(m) for m in re.findall(r"= f32\\[(\\d+),(\\d+),128\\]\\{[^}]*\\} add\\(", hlo)})
+print(json.dumps({"adds": adds, "bytes": b.describe()["bytes_per_device"]}))
+"""
+
+
+@pytest.mark.slow
+def test_jax_tensor_axis_splits_the_residual_stream_over_the_sequence():
+    """On 4 host devices as fsdp 2 x tensor 2, every residual add of the compiled step runs on this device's
+    4 rows (fsdp) x 32 of the 64 positions (tensor): sequence parallelism, as torch lays it out; the
+    parameters a device holds are a quarter of them (the norm gains and the 257-row vocabulary: fsdp only)."""
+    r = subprocess.run([sys.executable, "-c", RESIDUAL_PROBE], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["adds"] == ["4x32"], probe
+    params = sum(4 * int(np.prod(s)) for s in param_shapes(SIZES["tiny"]).values())
+    assert params / 4 <= probe["bytes"]["params"] <= params / 4 * 1.3
+
+
+@pytest.mark.slow
+def test_jax_fsdp2_x_tensor2_equals_one_torch_process(single, tmp_path):
+    run = tmp_path / "run"
+    out = launch(run, "hal=jax", "hal.mesh={fsdp:2,tensor:2}",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert "each device holds params" in out
+    assert rel(losses(run), losses(single["bytes"])) <= LOSS_RTOL
+
+
+def test_launch_info_sizes_a_layout_per_device():
+    from launch.info import layout
+    run = ["hal=torch", "model.vocab_size=384", "trainer.seq_len=64"]
+    data2 = layout([*run, "hal.mesh={data:2}"], None)            # the same rows per device, without tensor 2
+    tensor2 = layout([*run, "hal.mesh={data:2,fsdp:1,tensor:2}"], None)
+    assert tensor2["devices"] == 4 and tensor2["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    for part in ("params", "optimizer"):
+        assert 1.99 <= data2["bytes_per_device"][part] / tensor2["bytes_per_device"][part] <= 2.0
+    assert tensor2["bytes_per_device"]["activations"] < data2["bytes_per_device"]["activations"]
+    with pytest.raises(UserError, match="exceeds model.num_key_value_heads"):
+        layout(["hal=torch", "hal.mesh={tensor:4}"], None)
