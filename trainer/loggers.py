@@ -145,11 +145,13 @@ def _flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _require(name: str) -> None:
-    import importlib.util
-    if importlib.util.find_spec(name) is None:
+    import importlib
+    try:
+        importlib.import_module(name)
+    except ImportError:
         raise UserError(f"trainer.loggers names {name}, but the {name} package is not installed: "
                         f"pip install {PACKAGES[name].split(' ')[0]} (or pip install 'trichip[track]'), "
-                        f"or drop it from trainer.loggers")
+                        f"or drop it from trainer.loggers") from None
 
 
 class Loggers:
