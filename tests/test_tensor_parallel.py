@@ -199,6 +199,15 @@ def test_a_rules_tensor_axis_with_activation_checkpointing_on_2_processes(single
 
 
 @pytest.mark.slow
+def test_torch_compile_per_block_with_tensor_parallelism(single, tmp_path):
+    """Each block compiled (inductor) with its DTensor layers and sequence-parallel collectives inside."""
+    run = tmp_path / "run"
+    out = launch(run, "hal=torch", "hal.compile=true", "hal.mesh={tensor:2}", nproc=2)
+    assert "process 1 holds params" in out       # the per-device bytes, measured at the first step
+    assert rel(losses(run), losses(single["bytes"])) <= LOSS_RTOL
+
+
+@pytest.mark.slow
 def test_bf16_fsdp2_x_tensor2_trains(tmp_path):
     run = tmp_path / "run"
     launch(run, "hal=torch", PAD128, "trainer.precision=bf16", "hal.mesh={fsdp:2,tensor:2}", nproc=4)
