@@ -1,4 +1,4 @@
-"""PyTorch backend: the same Llama in torch, torch.optim.AdamW with two param groups, and, when launched by
+"""PyTorch backend: the same Llama in torch, torch.optim.AdamW (weight decay on 2-D weights), and, when launched by
 torchrun (GPU: nccl, CPU: gloo), a (data, fsdp, tensor) DeviceMesh: tensor and sequence parallelism over
 `tensor` (hal.torch_parallel), FSDP2 (`fully_shard` per transformer block and at the root) over fsdp,
 hybrid (replicate x shard) when data > 1."""
@@ -519,8 +519,12 @@ class TorchBackend(Backend):
     def _saved_bytes(self, into: dict):
         """A context in which autograd's saved tensors are counted into {storage: bytes} (this process's part
         of each, each storage once); parameters, saved as themselves, are not activations."""
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
         def pack(t):
             local = t._local_tensor if _is_dtensor(t) else t
+            if isinstance(local, AsyncCollectiveTensor):      # a collective's result, not waited for yet
+                local = local.elem
             if not (t.is_leaf and t.requires_grad) and local.device.type != "meta":
                 into[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
             return t
