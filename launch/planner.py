@@ -134,18 +134,25 @@ def _checked(t: Target) -> Target:
 # -- layout -----------------------------------------------------------------------------------------------
 
 def stack_of(spec: dict) -> dict:
-    """The framework and how trichip runs it on this chip family."""
+    """The framework and how trichip runs it on this chip family. Trainium: chips.yaml's `stack` picks JAX
+    (the neuron PJRT plugin) or torch; torch with `fsdp2: false` is torch-neuronx over PyTorch/XLA, which has
+    no FSDP2: every NeuronCore holds the whole state (data parallel)."""
+    if spec["family"] == "trainium" and spec.get("stack") == "jax":
+        return {"framework": "jax", "platform": "neuron", "stack": "JAX over the neuron PJRT plugin (jax-neuronx)"}
+    if spec["family"] == "trainium" and not spec.get("fsdp2", True):
+        return {"framework": "torch", "platform": "neuron", "fsdp2": False,
+                "stack": "torch-neuronx over PyTorch/XLA (data parallel, no FSDP2)"}
     return {"tpu": {"framework": "jax", "platform": "tpu", "stack": "JAX (jit over a Mesh, NamedSharding)"},
             "gpu": {"framework": "torch", "platform": "gpu", "stack": "PyTorch FSDP2"},
             "trainium": {"framework": "torch", "platform": "neuron", "stack": "TorchNeuron (FSDP2)"},
             "cpu": {"framework": spec.get("stack", "jax"), "platform": "cpu", "stack": "CPU"}}[spec["family"]]
 
 
-def mesh_for(framework: str, instance_type: str | None, devices: int) -> tuple[dict, str]:
+def mesh_for(framework: str, instance_type: str | None, devices: int, fsdp2: bool = True) -> tuple[dict, str]:
     """The mesh trichip builds: hal.mesh.choose, as both backends call it (hal.torch_backend._torch_mesh)."""
     if framework == "torch":
         from hal.torch_backend import _torch_mesh
-        return _torch_mesh(None, "auto", instance_type, devices)
+        return _torch_mesh(None, "auto", instance_type, devices, fsdp2=fsdp2)
     return meshlib.choose(None, "auto", instance_type, devices)
 
 
@@ -172,14 +179,42 @@ def shard_elements(cfg: LlamaConfig, mesh: dict, framework: str) -> int:
     return total
 
 
-def activation_bytes_per_token_layer(cfg: LlamaConfig, seq_len: int, act_bytes: int, attention: str) -> float:
-    """Bytes one layer keeps for the backward pass per token (no activation checkpointing).
+def jax_activation_bytes(cfg: LlamaConfig, seq_len: int, precision: str, attention: str, platform: str) -> float:
+    """Bytes one decoder layer of the JAX step keeps for its backward pass, per token, without activation
+    checkpointing: the buffers XLA's buffer assignment holds at the step's peak (bench/plan_memory.py).
+
+    In the compute dtype: both norm outputs (2 x hidden), the rotated q and k and v (q + 2 kv), gate, up,
+    silu(gate) and the sigmoid inside silu (4 x mlp). In the dtype of elementwise results (`elementwise_bytes`):
+    both residual sums (2 x hidden), the attention output (q) and silu(gate) * up (mlp). XLA's attention
+    (`materialized`) keeps its softmax, heads x seq_len values a token, in float32 (jax.nn takes the softmax
+    in float32) and, under bf16, also their cast to bf16 that the second matmul reads; a flash kernel keeps a
+    float32 log-sum-exp per head instead.
+    """
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv, heads = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_attention_heads
+    act = 2 if precision == "bf16" else 4
+    out = act * (2 * d + q + 2 * kv + 4 * f) + elementwise_bytes(platform, precision) * (2 * d + q + f)
+    if attention == "materialized":
+        return float(out + heads * seq_len * (4 + (2 if precision == "bf16" else 0)))
+    return float(out + heads * 4)
+
+
+def jax_backward_bytes(cfg: LlamaConfig, seq_len: int, precision: str, attention: str, platform: str) -> float:
+    """Bytes a token adds while one layer's backward pass runs, on top of the kept activations: the float32
+    gradients of the attention probabilities and scores (2 x heads x seq_len; none with a flash kernel, which
+    works block by block) and the cotangents of gate and up (2 x mlp, elementwise dtype)."""
+    attn = 2 * cfg.num_attention_heads * seq_len * 4 if attention == "materialized" else 0
+    return float(attn + 2 * cfg.intermediate_size * elementwise_bytes(platform, precision))
+
+
+def torch_activation_bytes(cfg: LlamaConfig, seq_len: int, act_bytes: int, attention: str) -> float:
+    """Bytes one decoder layer of the torch model keeps for autograd per token (no activation checkpointing).
 
     Saved in the compute dtype: the layer input, both norm outputs, q/k/v and the rotated q/k, the attention
     output, the residual between the blocks, gate, up, silu(gate) and their product; in float32: the two
-    RMSNorm inputs (both frameworks normalise in float32). Attention without a fused kernel (XLA's, torch's
-    math path) also keeps its scores, masked scores and probabilities: heads x seq_len float32 values each
-    (`attention="materialized"`); flash kernels (cuDNN, SDPA) keep only the output and a softmax statistic.
+    RMSNorm inputs (models/llama_torch.py normalises in float32). The math attention path also keeps its
+    scores, masked scores and probabilities: heads x seq_len float32 values each (`attention="materialized"`);
+    SDPA's fused kernels keep only the output and a softmax statistic.
     """
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -192,38 +227,35 @@ def activation_bytes_per_token_layer(cfg: LlamaConfig, seq_len: int, act_bytes: 
     return float(out)
 
 
-@dataclasses.dataclass
-class Memory:
-    parts: dict          # name -> bytes per device
-    total: float
-    budget: float        # bytes the step may use per device
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.budget
-
-
 def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
            remat: bool, attention: str, accum: int = 1, platform: str = "") -> dict:
     """Per-device bytes of one train step, by part. `micro_batch`: sequences of one forward/backward over
-    the whole mesh (split over data x fsdp); `accum`: micro-batches per update.
+    the whole mesh (split over data x fsdp); `accum`: micro-batches per update; `platform`: "cpu" where the
+    step runs on XLA:CPU (bf16 elementwise results in float32), anything else for an accelerator.
 
-    State (both frameworks keep float32 master weights and AdamW moments, sharded as the mesh says) and
-    gradients (float32, sharded once reduced); activations for this device's share of the micro-batch;
-    the logits and their float32 log-softmax; and what FSDP holds unsharded during the step: JAX's XLA
-    program keeps every gathered weight (compute dtype) for the backward pass and forms the full float32
-    gradients before reduce-scattering them; torch FSDP2 gathers one block at a time.
+    Both frameworks keep float32 master weights and AdamW moments and float32 gradients, sharded as the
+    mesh says (JAX: the gradients take the parameters' sharding, each weight gradient formed in its shard;
+    torch: FSDP2 reduce-scatters each block's); activations for this device's share of the micro-batch; the
+    logits and their float32 log-softmax; and what sharding holds unsharded during the step (`_jax_fsdp`,
+    `_torch_fsdp`).
     """
-    act_bytes = activation_dtype_bytes(framework, platform, precision)
+    act_bytes = 2 if precision == "bf16" else 4
     shard = shard_elements(cfg, mesh, framework)
-    full = num_params(cfg)
-    sharded = mesh["fsdp"] * mesh["tensor"] > 1
-    rows = micro_batch / (mesh["data"] * mesh["fsdp"])
-    tokens = rows * seq_len
-    per_layer = activation_bytes_per_token_layer(cfg, seq_len, act_bytes, attention)
+    tokens = micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len
     layers = cfg.num_hidden_layers
-    if remat:   # only each layer's input is kept; one layer's activations are rebuilt at a time
-        acts = tokens * (layers * cfg.hidden_size * act_bytes + per_layer)
+    if framework == "jax":
+        per_layer = jax_activation_bytes(cfg, seq_len, precision, attention, platform)
+        working = tokens * jax_backward_bytes(cfg, seq_len, precision, attention, platform)
+    else:
+        per_layer = torch_activation_bytes(cfg, seq_len, act_bytes, attention)
+        working = 0.0
+    if remat:
+        # Each layer's input is kept (a residual sum); one layer's activations are rebuilt at a time. This
+        # assumes XLA schedules each layer's recomputation just before its backward pass, as jax.checkpoint's
+        # optimization barriers ask (XLA's GPU compiler expands them only after scheduling; assumed on TPU).
+        # XLA:CPU expands them before fusion and CSE, so on the CPU the recomputation merges into the forward
+        # pass and saves little (bench/RESULTS.md).
+        acts = tokens * (layers * cfg.hidden_size * elementwise_bytes(platform, precision) + per_layer)
     else:
         # a tensor axis splits the head and mlp activations (about three quarters of them), not the rest
         acts = tokens * layers * per_layer * (0.25 + 0.75 / mesh["tensor"])
@@ -233,26 +265,56 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
         "params+moments": shard * 12.0,
         "gradients": shard * 4.0 * (2 if accum > 1 else 1),
         "activations": acts,
+        "backward working set": working / mesh["tensor"],
         "logits": tokens * cfg.vocab_size * logit_bytes / mesh["tensor"],
     }
-    if sharded and framework == "jax":
-        per_layer_params = (full - 2 * cfg.vocab_size * cfg.hidden_size) / layers
-        kept = full if not remat else per_layer_params * 2
-        # in float32 the gathered copy is the weight itself: XLA keeps the forward's and gathers again for
-        # the backward pass (two copies); in bf16 it keeps the bf16 cast of each gathered weight
-        copies = act_bytes if precision == "bf16" else 2 * act_bytes
-        parts["gathered weights"] = kept * copies * (1 - 1 / (mesh["fsdp"] * mesh["tensor"]))
-        parts["unreduced gradients"] = full * 4.0 * (1 - 1 / (mesh["fsdp"] * mesh["tensor"]))
-    elif framework == "torch":
-        block = (full - 2 * cfg.vocab_size * cfg.hidden_size) / layers
-        parts["gathered weights"] = 2 * block * act_bytes + block * 4.0   # current + prefetched, one block's grads
+    if framework == "jax":
+        parts.update(_jax_fsdp(cfg, mesh, remat))
+    else:
+        parts.update(_torch_weights(cfg, mesh, precision))
     return parts
 
 
-def activation_dtype_bytes(framework: str, platform: str, precision: str) -> int:
-    """Bytes of one saved activation: the compute dtype's. (XLA:CPU keeps some bf16 elementwise results in
-    float32 on one device; bench/plan_memory.py shows what that costs the prediction there.)"""
-    return 2 if precision == "bf16" else 4
+def _block_params(cfg: LlamaConfig) -> float:
+    """Parameters of one decoder layer."""
+    return (num_params(cfg) - (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * cfg.hidden_size
+            - cfg.hidden_size) / cfg.num_hidden_layers
+
+
+def _jax_fsdp(cfg: LlamaConfig, mesh: dict, remat: bool) -> dict:
+    """What XLA's sharded step holds beyond the shards: every weight the forward pass gathered stays live
+    for the backward pass (no second gather), in float32 (the program gathers the float32 parameter and
+    casts it after); with activation checkpointing the recomputation gathers again, so about two layers'
+    weights are held. Each weight gradient is formed as a float32 partial sum over this device's rows and
+    then reduce-scattered: one layer's, at a time."""
+    shards = mesh["fsdp"] * mesh["tensor"]
+    if shards == 1:
+        return {}
+    kept = 2 * _block_params(cfg) if remat else num_params(cfg)
+    return {"gathered weights": kept * 4.0 * (1 - 1 / shards),
+            "unreduced gradients": _block_params(cfg) * 4.0 * (1 - 1 / shards)}
+
+
+def _torch_weights(cfg: LlamaConfig, mesh: dict, precision: str) -> dict:
+    """Weights torch holds beyond its shards. FSDP2 gathers one block at a time and prefetches the next (two
+    blocks in the compute dtype) and reduce-scatters each block's float32 gradients as the backward pass
+    leaves it. Without FSDP2, bf16 runs under autocast, whose bf16 casts of the weights the matmuls save for
+    the backward pass: every weight, once, in bf16."""
+    if mesh["data"] * mesh["fsdp"] > 1:
+        block = _block_params(cfg)
+        act_bytes = 2 if precision == "bf16" else 4
+        return {"gathered weights": (2 * block * act_bytes + block * 4.0) / mesh["tensor"]}
+    if precision == "bf16":
+        return {"bf16 weight copies": num_params(cfg) * 2.0 / mesh["tensor"]}
+    return {}
+
+
+def elementwise_bytes(platform: str, precision: str) -> int:
+    """Bytes of an elementwise result: the compute dtype's, except on XLA:CPU under bf16, which has no bf16
+    arithmetic: it computes bf16 elementwise operations in float32 and keeps their results in float32."""
+    if precision != "bf16":
+        return 4
+    return 4 if platform == "cpu" else 2
 
 
 # -- speed and cost ---------------------------------------------------------------------------------------
@@ -330,7 +392,7 @@ def plan_target(cfg: LlamaConfig, target: Target, catalog: dict, s: Settings) ->
     spec = catalog["chips"][target.chip]
     stack = stack_of(spec)
     devices = target.chips * spec["devices_per_chip"]
-    mesh, source = mesh_for(stack["framework"], target.instance_type, devices)
+    mesh, source = mesh_for(stack["framework"], target.instance_type, devices, stack.get("fsdp2", True))
     batch_div = mesh["data"] * mesh["fsdp"]
     budget = budget_bytes(spec)
     attention = attention_kind(spec["family"], stack["framework"], s.precision)
@@ -458,7 +520,11 @@ def assumptions(catalog: dict, s: Settings, chips_used: set) -> list[str]:
            f"communication overlap with compute: {s.overlap:.0%}; link bandwidth = half the quoted bidirectional "
            f"per-chip figure; FSDP all-gathers in bf16 twice a micro-batch, reduce-scatter in float32",
            "memory: float32 master weights + AdamW moments + float32 gradients (16 B/param, sharded as the mesh "
-           "says), activations of the micro-batch, logits, FSDP's unsharded buffers, per-chip reserve",
+           "says), activations of the micro-batch, logits, FSDP's unsharded buffers (JAX: every gathered weight "
+           "in float32 until the backward pass; torch FSDP2: two blocks), per-chip reserve",
+           "activation checkpointing keeps each layer's input and rebuilds one layer at a time: it assumes XLA "
+           "keeps jax.checkpoint's optimization barriers through scheduling (XLA:CPU expands them early and "
+           "saves little; bench/RESULTS.md)",
            "prices: on-demand list prices of configs/plan/prices.yaml (region, date, source per row); no price = "
            "no cost, never an estimate",
            "FLOPs per token: models.spec.flops_per_token (6N + attention, causal not discounted)"]

@@ -62,6 +62,11 @@ def test_memory_shrinks_with_fsdp_degree():
     assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0] / 3
 
 
+def test_remat_assumption_is_stated():
+    notes = planner.assumptions(CATALOG, settings(), {"h100"})
+    assert any("activation checkpointing" in n and "optimization barriers" in n for n in notes)
+
+
 def test_gpu_measurements_within_15_percent():
     """bench/RESULTS_H200.md: 1.24B, bf16, micro-batch 8, seq 2048 on one H200: JAX 73.9 GB, torch 83.7 GB."""
     one = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -70,6 +75,7 @@ def test_gpu_measurements_within_15_percent():
         assert abs(sum(parts.values()) / measured - 1) < 0.15, framework
 
 
+@pytest.mark.slow
 def test_nothing_fits_names_smallest_target(tmp_path):
     huge = ["model.num_hidden_layers=400", "model.hidden_size=8192", "model.intermediate_size=28672",
             "model.num_attention_heads=64", "model.num_key_value_heads=8"]     # 320B parameters
@@ -98,7 +104,19 @@ def test_ranking_puts_cheapest_meeting_first():
     ranked = planner.finish(rows, 1e11, None, None)
     priced = [r for r in ranked if r["usd_per_1m_tokens"] is not None]
     assert [r["usd_per_1m_tokens"] for r in priced] == sorted(r["usd_per_1m_tokens"] for r in priced)
-    assert ranked[0]["usd_per_1m_tokens"] is not None and ranked[-1]["target"] == "p5e.48xlarge"
+    assert ranked[0]["usd_per_1m_tokens"] is not None
+    assert [r["target"] for r in ranked[-2:]] == ["p5e.48xlarge", "trn1.32xlarge"]   # no price; does not fit
+
+
+def test_trn1_torch_holds_the_whole_state_on_every_core():
+    """torch on trn1 is PyTorch/XLA without FSDP2 (hal/neuron.py): data parallel, as hal.torch_backend says."""
+    from hal.torch_backend import _torch_mesh
+    row = planner.plan_target(SIZES["llama3.2-1b"], planner.parse_target("trn1.32xlarge", CATALOG), CATALOG,
+                              settings())
+    assert row["mesh"] == _torch_mesh(None, "auto", "trn1.32xlarge", 32, fsdp2=False)[0] == \
+        {"data": 32, "fsdp": 1, "tensor": 1}
+    assert row["memory_gb"]["params+moments"] == pytest.approx(num_params(SIZES["llama3.2-1b"]) * 12 / 1e9, rel=1e-3)
+    assert not row["fits"]
 
 
 @pytest.mark.parametrize("bad", ["v5p-7", "12xh100", "9xfoo", "trn3.48xlarge"])
@@ -150,3 +168,85 @@ def test_skypilot_task(target, accel, nodes):
     assert set(task["resources"]) <= {"infra", "accelerators", "instance_type", "accelerator_args"}
     assert task["resources"]["accelerators"] == accel and task["num_nodes"] == nodes
     assert "launch.train" in task["run"] and all(isinstance(v, str) for v in task["envs"].values())
+
+
+def _bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "bench" / "plan_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,variant", [(1, "memory"), (2, "fsdp")])
+def test_jax_memory_within_15_percent_of_xla(devices, variant):
+    """XLA's compiled memory analysis of the real JAX train step (bench/plan_memory.py)."""
+    got = _bench().measure("tiny", devices, "4,128,fp32,0", variant)
+    assert isinstance(got, dict), got
+    predicted = sum(planner.memory(SIZES["tiny"], got["mesh"], "jax", 4, 128, "fp32", False, "materialized",
+                                   platform="cpu").values())
+    assert abs(predicted / got["measured"] - 1) < 0.15, (predicted, got)
+
+
+@pytest.mark.slow
+def test_torch_memory_within_15_percent_of_mem_tracker():
+    """torch's MemTracker over a real TorchBackend step on 2 gloo processes (bench/plan_memory.py)."""
+    got = _bench().measure_torch("tiny", 2, "8,128,bf16,0")
+    assert isinstance(got, dict) and got["mesh"]["fsdp"] == 2, got
+    predicted = sum(planner.memory(SIZES["tiny"], got["mesh"], "torch", 8, 128, "bf16", False, "flash",
+                                   platform="cpu").values())
+    assert abs(predicted / got["measured"] - 1) < 0.15, (predicted, got)
+
+
+@pytest.mark.parametrize("kind,chip", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v6 lite", "v6e"),
+                                       ("cpu", None)])
+def test_device_kind_to_chip(kind, chip):
+    from launch.plan_measure import chip_of
+    assert chip_of(kind) == chip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_measure_runs_real_steps(framework):
+    """--measure's few real steps through hal.make_backend on this CPU: a throughput, and no MFU (the CPU is
+    no chip of chips.yaml)."""
+    from launch.plan_measure import measure
+    p = {"measure_model": "tiny", "measure_framework": framework, "seq_len": 64, "precision": "fp32"}
+    found = measure(p, CATALOG, steps=2, warmup=1)
+    assert found["tokens_per_s"] > 0 and found["chip"] is None and found["mfu"] is None
+    assert f"tiny on 1 cpu device(s)" in found["summary"] and framework in found["summary"]
+
+
+@pytest.mark.slow
+def test_cli_measure_logs_the_measurement(tmp_path):
+    r = plan(["model=tiny", "plan.targets=[1xh100]", "plan.measure_model=tiny", "plan.seq_len=64",
+              "plan.global_batch=8", "plan.chart=false", "--measure"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "measured: tiny on 1 cpu device(s)" in r.stdout + r.stderr
+    assert json.loads((tmp_path / "plan.json").read_text())[0]["mfu_source"] == "assumed"
+
+
+def _colored_pixels(path) -> int:
+    """Pixels whose red, green and blue differ by more than 40 (markers; axes, text and grid are grey)."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.size == (800, 500)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 40).sum())
+
+
+def test_chart_png_has_a_point_per_priced_target(tmp_path):
+    from launch.plan import chart
+    cfg = SIZES["llama3.2-1b"]
+    names = ["p5.48xlarge", "tpu-v6e-16", "trn2.48xlarge"]
+    rows = planner.finish([planner.plan_target(cfg, planner.parse_target(t, CATALOG), CATALOG, settings())
+                           for t in names], 1e11, None, None)
+    assert all(r["usd_total"] for r in rows)
+    chart(rows, tmp_path / "plan.png", 1e11)
+    unpriced = [dict(r, usd_total=None) for r in rows]
+    chart(unpriced, tmp_path / "empty.png", 1e11)
+    assert _colored_pixels(tmp_path / "plan.png") > 3 * 40     # three markers of about 80 pixels each
+    assert _colored_pixels(tmp_path / "empty.png") == 0
