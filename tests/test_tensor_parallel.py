@@ -268,3 +268,49 @@ def test_launch_info_sizes_a_layout_per_device():
     assert tensor2["bytes_per_device"]["activations"] < data2["bytes_per_device"]["activations"]
     with pytest.raises(UserError, match="exceeds model.num_key_value_heads"):
         layout(["hal=torch", "hal.mesh={tensor:4}"], None)
+
+
+# -- tied embeddings and document masks: 4 steps of the backend on 2 tensor ranks against one process ----------
+
+STEPS_PROBE = """
+import json, sys
+import numpy as np
+from hal.base import HostState, OptimizerSpec
+from hal.torch_backend import TorchBackend
+from models.spec import SIZES, LlamaConfig, reference_init
+
+def losses(mesh, vocab, tied, eos):
+    cfg = LlamaConfig(**dict(SIZES["tiny"].to_dict(), vocab_size=vocab, tie_word_embeddings=tied))
+    b = TorchBackend(cfg, OptimizerSpec(), platform="cpu", mesh=mesh, document_eos=eos)
+    b.set_state(HostState.fresh(reference_init(cfg, 0)))
+    b.check_batch(8)
+    tokens = np.random.default_rng(0).integers(0, 20, (1, 8, 33)).astype(np.int32)   # token 10 ends documents
+    return b.process_index, [b.train_step(tokens, 1e-3).loss for _ in range(4)], b.logits(tokens[0, :2, :-1])
+
+rank, ls, logits = losses(json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tied",
+                          None if sys.argv[4] == "none" else int(sys.argv[4]))
+if rank == 0:
+    np.save(sys.argv[5], logits)
+    print(json.dumps(ls))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocab,tied,eos", [(384, "tied", "none"), (257, "tied", "none"), (384, "untied", "10")])
+def test_tied_embeddings_and_document_masks_under_tensor_parallelism(tmp_path, vocab, tied, eos):
+    """A tied head reads the embedding's weight (split over the vocabulary, or whole where 257 rows are not
+    split); document masks are per sequence, untouched by the sequence split between the blocks."""
+    script = tmp_path / "probe.py"
+    script.write_text(STEPS_PROBE)
+    outs = {}
+    for nproc, mesh in ((1, "null"), (2, '{"tensor": 2}')):
+        cmd = [sys.executable, str(script)] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+        r = subprocess.run(cmd + [mesh, str(vocab), tied, eos, str(tmp_path / f"logits{nproc}.npy")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[nproc] = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert rel(outs[2], outs[1]) <= LOSS_RTOL
+    whole, split = np.load(tmp_path / "logits1.npy"), np.load(tmp_path / "logits2.npy")
+    assert whole.shape == split.shape == (2, 32, vocab) and np.abs(whole - split).max() <= 1e-5 * np.abs(whole).max()
