@@ -148,18 +148,18 @@ def test_sample_a_trained_run_with_its_tokenizer_and_during_training(tmp_path, c
     caplog.set_level(logging.INFO, logger="trichip")
     train(run, "hal=jax", "data.tokenizer=train-bpe:320", "data.vocab=tokenizer", "trainer.steps=4",
           "trainer.seq_len=32", "trainer.global_batch=4", "trainer.eval_every=0", "trainer.sample_every=2",
-          "trainer.sample_tokens=6", "trainer.sample_prompt=def ", "trainer.tensorboard=false")
+          "trainer.sample_tokens=6", "trainer.sample_prompt=import", "trainer.tensorboard=false")
     texts = {}
     for framework in ("jax", "torch"):
         capsys.readouterr()
-        assert sample.main([str(run), "--hal", framework, "--prompt", "def ", "--max-new-tokens", "6", "--json"]) == 0
+        assert sample.main([str(run), "--hal", framework, "--prompt", "import", "--max-new-tokens", "6", "--json"]) == 0
         texts[framework] = json.loads(capsys.readouterr().out.splitlines()[-1])
     from trainer import tokenizer as tk
     tok = tk.HFTokenizer(run / "tokenizer.json")
     line = texts["jax"]
-    assert line["prompt_ids"] == tok.encode_batch(["def "])[0].tolist() and line["text"].startswith("def")
+    assert line["prompt_ids"] == tok.encode_batch(["import"])[0].tolist() and line["text"].startswith("import")
     assert line["text"] == tok.decode(line["prompt_ids"] + line["ids"]) and texts["torch"] == line
-    assert "sample at step 2: 'def" in caplog.text
+    assert "sample at step 2: 'import" in caplog.text
     assert f"sample at step 4: {line['text']!r}" in caplog.text
     assert sample.main([str(run), "--prompt", "x", "--tokenizer", "bytes"]) == 2
     assert "is not the tokenizer" in capsys.readouterr().err
