@@ -50,6 +50,7 @@ def tf():
     return transformers, torch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_cached_decoding_equals_the_full_forward(framework):
     """Prefill of a prompt and then one cached position at a time give the logits the training forward
@@ -116,6 +117,7 @@ def test_greedy_tokens_equal_on_jax_torch_and_transformers_generate(tf, tmp_path
     assert len(set(theirs)) > 3          # not one token repeated: the comparison has something to compare
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_seeded_sampling_is_reproducible_per_framework(framework):
     cfg = _llama_config(CONFIGS["mqa-tied"])
