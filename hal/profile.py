@@ -119,16 +119,24 @@ class _TorchTrace:
         return files
 
 
-def make_profiler(backend: Backend, out_dir: Path, steps, memory: bool, start_step: int,
-                  total_steps: int) -> Profiler | None:
-    """The profiler of trainer.profile (None when steps is empty or the window is already behind the run)."""
+def check_window(steps, memory: bool) -> list:
+    """trainer.profile as [first, last] (or [] for no profile), with one-line errors for anything else."""
     steps = list(steps or [])
     if not steps:
         if memory:
             raise UserError("trainer.profile.memory=true needs a window: set trainer.profile.steps=[first, last]")
-        return None
+        return []
     if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 1 <= steps[0] <= steps[1]:
         raise UserError(f"trainer.profile.steps must be [first, last] with 1 <= first <= last, got {steps}")
+    return steps
+
+
+def make_profiler(backend: Backend, out_dir: Path, steps, memory: bool, start_step: int,
+                  total_steps: int) -> Profiler | None:
+    """The profiler of trainer.profile (None when steps is empty or the window is already behind the run)."""
+    steps = check_window(steps, memory)
+    if not steps:
+        return None
     first, last = steps[0], min(steps[1], total_steps)
     if last <= start_step or first > total_steps:
         log.info("trainer.profile.steps=%s is outside the steps this run makes (%d-%d): no trace", steps,

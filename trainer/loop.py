@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hal.profile import device_memory, is_out_of_memory, make_profiler
+from hal.profile import check_window, device_memory, is_out_of_memory, make_profiler
 from hal import (HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
                  first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
@@ -51,7 +51,9 @@ _RANGES = {("trainer", "steps"): (0, None), ("trainer", "global_batch"): (1, Non
            ("trainer", "keep_checkpoints"): (1, None), ("optim", "lr"): (0.0, 3.0e38),
            ("optim", "warmup_steps"): (0, None), ("optim", "min_lr_ratio"): (0.0, 1.0), ("optim", "b1"): (0.0, 1.0),
            ("optim", "b2"): (0.0, 1.0), ("optim", "eps"): (0.0, 1.0), ("optim", "weight_decay"): (0.0, 10.0),
-           ("optim", "max_grad_norm"): (1e-12, 1e12), ("data", "mixture_block_steps"): (0, None)}
+           ("optim", "max_grad_norm"): (1e-12, 1e12), ("data", "mixture_block_steps"): (0, None),
+           ("trainer", "sample_every"): (0, None), ("trainer", "sample_tokens"): (1, None),
+           ("trainer", "sample_temperature"): (0.0, 100.0)}
 _AUTO_OR_BOOL = (("trainer", "async_save"), ("hal", "distributed"))
 
 
@@ -69,6 +71,7 @@ def check_config(cfg: dict) -> None:
             raise UserError(f"{section}.{key} must be auto, true or false, got {cfg[section][key]!r}")
     if cfg["seed"] < 0:
         raise UserError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
+    check_window(cfg["trainer"]["profile"]["steps"], cfg["trainer"]["profile"]["memory"])
 
 
 class Run:
