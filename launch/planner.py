@@ -234,10 +234,10 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
     step runs on XLA:CPU (bf16 elementwise results in float32), anything else for an accelerator.
 
     Both frameworks keep float32 master weights and AdamW moments and float32 gradients, sharded as the
-    mesh says (JAX: the gradients take the parameters' sharding, each weight gradient formed in its shard;
-    torch: FSDP2 reduce-scatters each block's); activations for this device's share of the micro-batch; the
-    logits and their float32 log-softmax; and what sharding holds unsharded during the step (`_jax_fsdp`,
-    `_torch_fsdp`).
+    mesh says (JAX: the gradients take the parameters' sharding from the step's out_shardings, one layer's
+    reduced at a time; torch: FSDP2 reduce-scatters each block's); activations for this device's share of
+    the micro-batch; the logits and their float32 log-softmax; and the weights held beyond the shards
+    (`_jax_weights`, `_torch_weights`). The parts are those live at the step's peak.
     """
     act_bytes = 2 if precision == "bf16" else 4
     shard = shard_elements(cfg, mesh, framework)
@@ -261,18 +261,23 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
         acts = tokens * layers * per_layer * (0.25 + 0.75 / mesh["tensor"])
     # logits [tokens, vocab] in the compute dtype, their float32 copy / log-softmax, and its float32 gradient
     logit_bytes = act_bytes + 4 + 4 + (4 if framework == "torch" else 0)
-    parts = {
-        "params+moments": shard * 12.0,
-        "gradients": shard * 4.0 * (2 if accum > 1 else 1),
+    backward = {
         "activations": acts,
         "backward working set": working / mesh["tensor"],
         "logits": tokens * cfg.vocab_size * logit_bytes / mesh["tensor"],
+        **(_jax_weights(cfg, mesh, remat, precision, platform) if framework == "jax"
+           else _torch_weights(cfg, mesh, precision)),
     }
-    if framework == "jax":
-        parts.update(_jax_fsdp(cfg, mesh, remat))
-    else:
-        parts.update(_torch_weights(cfg, mesh, precision))
-    return parts
+    state = {"params+moments": shard * 12.0}
+    if accum > 1:   # the float32 accumulator of the micro-batches' gradients lives through every backward pass
+        state["gradient accumulator"] = shard * 4.0
+    # The backward pass frees a layer's activations as it forms that layer's gradients, so the step peaks
+    # where it starts (the activations and one layer's gradients) or where it ends (every gradient).
+    gradients = shard * 4.0
+    layer_gradients = gradients * _block_params(cfg) / num_params(cfg)
+    if gradients >= sum(backward.values()) + layer_gradients:
+        return {**state, "gradients": gradients}
+    return {**state, "gradients (one layer)": layer_gradients, **backward}
 
 
 def _block_params(cfg: LlamaConfig) -> float:
@@ -281,15 +286,17 @@ def _block_params(cfg: LlamaConfig) -> float:
             - cfg.hidden_size) / cfg.num_hidden_layers
 
 
-def _jax_fsdp(cfg: LlamaConfig, mesh: dict, remat: bool) -> dict:
-    """What XLA's sharded step holds beyond the shards: every weight the forward pass gathered stays live
+def _jax_weights(cfg: LlamaConfig, mesh: dict, remat: bool, precision: str, platform: str) -> dict:
+    """Weights XLA's step holds beyond the shards. Sharded: every weight the forward pass gathered stays live
     for the backward pass (no second gather), in float32 (the program gathers the float32 parameter and
     casts it after); with activation checkpointing the recomputation gathers again, so about two layers'
     weights are held. Each weight gradient is formed as a float32 partial sum over this device's rows and
-    then reduce-scattered: one layer's, at a time."""
+    then reduce-scattered: one layer's, at a time. Unsharded under bf16: the bf16 cast of every weight,
+    kept from the forward pass for the backward matmuls (XLA:CPU keeps the bf16-rounded values in float32)."""
     shards = mesh["fsdp"] * mesh["tensor"]
     if shards == 1:
-        return {}
+        return {"bf16 weight copies": num_params(cfg) * float(elementwise_bytes(platform, precision))} \
+            if precision == "bf16" else {}
     kept = 2 * _block_params(cfg) if remat else num_params(cfg)
     return {"gathered weights": kept * 4.0 * (1 - 1 / shards),
             "unreduced gradients": _block_params(cfg) * 4.0 * (1 - 1 / shards)}
