@@ -529,9 +529,9 @@ def assumptions(catalog: dict, s: Settings, chips_used: set) -> list[str]:
            "memory: float32 master weights + AdamW moments + float32 gradients (16 B/param, sharded as the mesh "
            "says), activations of the micro-batch, logits, FSDP's unsharded buffers (JAX: every gathered weight "
            "in float32 until the backward pass; torch FSDP2: two blocks), per-chip reserve",
-           "activation checkpointing keeps each layer's input and rebuilds one layer at a time: it assumes XLA "
-           "keeps jax.checkpoint's optimization barriers through scheduling (XLA:CPU expands them early and "
-           "saves little; bench/RESULTS.md)",
+           "activation checkpointing keeps each layer's input and rebuilds one layer at a time (JAX: assuming "
+           "XLA keeps jax.checkpoint's optimization barriers through scheduling; XLA:CPU expands them early and "
+           "saves little, bench/RESULTS.md)",
            "prices: on-demand list prices of configs/plan/prices.yaml (region, date, source per row); no price = "
            "no cost, never an estimate",
            "FLOPs per token: models.spec.flops_per_token (6N + attention, causal not discounted)"]
