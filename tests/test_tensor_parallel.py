@@ -174,18 +174,25 @@ def _resume_from(src, dst, step):
 @pytest.mark.slow
 def test_fsdp_x_tensor_checkpoint_goes_to_jax_tensor2_then_one_torch_process(single, fsdp2_tensor2, tmp_path):
     """torch fsdp 2 x tensor 2 (step 10) -> JAX on 8 host devices with tensor 2 (to step 20) -> torch on one
-    process (to step 30): the curve continues as one uninterrupted process would train it."""
+    process, and back on torch fsdp 2 x tensor 2 (to step 30): the curve continues as one uninterrupted
+    process would train it."""
     run, _ = fsdp2_tensor2
     on_jax = tmp_path / "on_jax"
     _resume_from(run, on_jax, 10)
-    launch(on_jax, "hal=jax", "hal.mesh={data:1,fsdp:4,tensor:2}", env=EIGHT_DEVICES)
+    assert "start at step 10" in launch(on_jax, "hal=jax", "hal.mesh={data:1,fsdp:4,tensor:2}", env=EIGHT_DEVICES)
     assert writer(on_jax, 20)["framework"] == "jax" and writer(on_jax, 20)["mesh"]["tensor"] == 2
     assert rel(losses(on_jax)[10:], losses(single["bytes"])[10:]) <= LOSS_RTOL
     back = tmp_path / "back_on_torch"
     _resume_from(on_jax, back, 20)
-    train(back, "hal=torch", *COMMON)
+    assert train(back, "hal=torch", *COMMON)["start_step"] == 20
     assert writer(back, STEPS)["framework"] == "torch" and writer(back, STEPS)["process_count"] == 1
     assert rel(losses(back)[20:], losses(single["bytes"])[20:]) <= LOSS_RTOL
+    # and JAX's step-20 checkpoint read back onto fsdp 2 x tensor 2: each process reads only its blocks
+    again = tmp_path / "again_on_torch_f2t2"
+    _resume_from(on_jax, again, 20)
+    assert "start at step 20" in launch(again, "hal=torch", "hal.mesh={fsdp:2,tensor:2}", nproc=4)
+    assert writer(again, STEPS)["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert rel(losses(again)[20:], losses(single["bytes"])[20:]) <= LOSS_RTOL
 
 
 @pytest.mark.slow
