@@ -43,8 +43,9 @@ def initialize_jax(mode="auto", coordinator_port: int | None = None) -> None:
     """jax.distributed.initialize() for multi-process runs.
 
     mode auto: initialize when launched as several processes — by torchrun-style variables (the JAX
-    coordinator listens on `coordinator_port`, by default MASTER_PORT + 1, since torchrun's own store
-    holds MASTER_PORT) or by a cluster JAX detects itself (TPU pods, SLURM). true: always; false: never.
+    coordinator listens on `coordinator_port`; by default a free port rank 0 picks and shares through
+    torchrun's own store, else MASTER_PORT + 1) or by a cluster JAX detects itself (TPU pods, SLURM).
+    true: always; false: never.
     """
     import jax
     if mode is False or mode == "false" or jax.distributed.is_initialized():
@@ -53,7 +54,7 @@ def initialize_jax(mode="auto", coordinator_port: int | None = None) -> None:
     if env.multi_process:
         if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        port = coordinator_port or env.master_port + 1
+        port = coordinator_port or _agent_store_port(env) or env.master_port + 1
         jax.distributed.initialize(coordinator_address=f"{env.master_addr}:{port}", num_processes=env.world_size,
                                    process_id=env.rank)
     elif mode is True or mode == "true":
@@ -122,6 +123,21 @@ def host_barrier() -> None:
     """Every rank waits for all the others (collective, on the host group)."""
     import torch.distributed as dist
     dist.barrier(group=host_group())
+
+
+def _agent_store_port(env: LaunchEnv) -> int | None:
+    """Under torchrun: a port free on rank 0's host, picked by rank 0 and read by the others from torchrun's
+    rendezvous store (a fixed MASTER_PORT + 1 may be taken by anything on the host). None elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import datetime
+    from torch.distributed import TCPStore
+    store = TCPStore(env.master_addr, env.master_port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    key = (f"trichip/jax-coordinator/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    if env.rank == 0:
+        store.set(key, str(free_port()))
+    return int(store.get(key))
 
 
 def free_port() -> int:

@@ -450,8 +450,11 @@ def test_every_save_failing_with_continue_says_so_and_metrics_stay_json(tmp_path
 def test_resume_false_and_changed_settings_are_refused(runs, tmp_path):
     """trainer.resume=false, another seed or another data.path on a run dir with checkpoints: exit 2, nothing
     changed; trainer.allow_setting_changes=true lets the changed seed through."""
-    tokens = tmp_path / "tokens.npy"
-    np.save(tokens, np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint16))
+    from trainer.prepare import Options, build
+    text = tmp_path / "other.txt"
+    text.write_text(" ".join(map(str, np.random.default_rng(0).integers(0, 1000, 5000))))
+    tokens = tmp_path / "other"
+    build(tokens, Options(inputs=[str(text)], progress=False))
     changes = {"resume": ["trainer.resume=false"], "seed": ["seed=1"], "data": ["data=tokens", f"data.path={tokens}"]}
     copies = {k: copy_run(runs["base"], tmp_path / k) for k in changes}
     before = {k: (tree_digest(r / "checkpoints"), (r / "metrics.jsonl").read_bytes()) for k, r in copies.items()}
