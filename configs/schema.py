@@ -231,9 +231,14 @@ def validate(plain: dict) -> None:
 
 
 def to_plain(cfg) -> dict:
-    """A composed DictConfig as a plain dict with every interpolation resolved (enums as their names)."""
+    """A composed DictConfig as a plain dict with every interpolation resolved (enums as their names); a
+    value left missing (`???`) or an interpolation that does not resolve is a UserError of one line."""
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    except Exception as e:  # OmegaConf's missing-value and interpolation errors have no common public base
+        key = getattr(e, "full_key", None) or explain(e)
+        raise UserError(f"{key} has no value: set it on the command line ({key}=...)") from None
 
 
 register()

@@ -22,7 +22,7 @@ from typing import Any, List, Optional
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from configs.schema import ModelConfig, Precision, explain, to_plain
 from models.errors import UserError
@@ -264,12 +264,7 @@ def chart(rows: list[dict], path: Path, tokens: float | None) -> None:
 @hydra.main(config_path="pkg://configs", config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        plain = to_plain(cfg)
-    except Exception as e:
-        key = getattr(e, "full_key", None) or explain(e)
-        _fail(f"{key} has no value: set it on the command line ({key}=...)")
-    try:
-        run(plain, Path(HydraConfig.get().runtime.output_dir))
+        run(to_plain(cfg), Path(HydraConfig.get().runtime.output_dir))
     except UserError as e:
         _fail(str(e))
 

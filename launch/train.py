@@ -105,12 +105,7 @@ def main(cfg: DictConfig) -> dict:
         if not isinstance(handler, logging.FileHandler):
             handler.addFilter(lambda record: not record.name.startswith(("absl", "orbax", "jax")))
     try:
-        plain = to_plain(cfg)
-    except Exception as e:
-        key = getattr(e, "full_key", None) or explain(e)
-        _fail(f"{key} has no value: set it on the command line ({key}=...)")
-    try:
-        return train(plain, HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))
+        return train(to_plain(cfg), HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))
     except UserError as e:   # exit codes: 2 fix the input, 3 checkpoint write failed, 4 non-finite loss
         logging.getLogger("trichip").error("%s", e)
         _fail(str(e), e.exit_code)
