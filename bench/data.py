@@ -1,8 +1,8 @@
 """The data layer's benchmarks: loader throughput, prepare_data against a bare tokenizer loop, and what a
 trained BPE buys over bytes at equal training FLOPs.
 
-    python bench/data.py                       # loader + prepare tables (~2 min on 2 cores)
-    python bench/data.py --quality --steps 300 # + the quality row (small model, two trainings)
+    python bench/data.py                                     # loader + prepare tables (~2 min on 2 cores)
+    python bench/data.py --tables quality --steps 150        # the quality row (small model, two trainings)
 
 Every ratio is measured alternately in one run (A, B, A, B, ...), as medians.
 """
@@ -33,7 +33,6 @@ H200_1B_TOKENS_PER_S = 66_000      # what the 1B model consumes on one H200 (ben
 def loader_table(report: Report, opts, tmp: Path) -> None:
     """Tokens/s of TokenData.train_batch at the 1B shape's batch (16 x 2048) on one core."""
     docs = tmp / "docs"
-    _json_corpus(docs, opts.corpus_mb)
     build(tmp / "ds", Options(inputs=[str(docs)], progress=False, workers=1))
     single = TokenData(str(tmp / "ds"), 2048, 0)
     mix = TokenData(None, 2048, 0, sources=[{"path": str(tmp / "ds"), "name": n, "weight": w}
@@ -107,7 +106,7 @@ def quality_table(report: Report, opts, tmp: Path) -> None:
     for tok, n in steps.items():
         run = tmp / f"q-{tok.replace(':', '')}"
         cfg = compose([f"hal={opts.framework}", f"model={opts.model}", f"trainer.steps={n}",
-                       f"trainer.seq_len={opts.seq_len}", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                       f"trainer.seq_len={opts.seq_len}", f"trainer.eval_every={n}", "trainer.checkpoint_every=0",
                        "trainer.eval_batches=16", f"data.tokenizer={tok}", "data.vocab=pad128"
                        if tok != "bytes" else "data.vocab=check"])
         t = now()
@@ -153,7 +152,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--corpus-mb", type=int, default=24)
-    p.add_argument("--quality", action="store_true", help="also train the quality row (minutes)")
+    p.add_argument("--tables", default="loader,prepare", help="comma-separated: loader, prepare, quality "
+                   "(quality trains two models: minutes)")
     p.add_argument("--model", default="small")
     p.add_argument("--framework", default="torch")
     p.add_argument("--steps", type=int, default=300, help="steps of the byte-level run")
@@ -164,10 +164,12 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="trichip-bench-data-"))
     os.environ.setdefault("TRICHIP_CACHE", str(tmp / "cache"))
     try:
-        loader_table(report, opts, tmp)
-        prepare_table(report, opts, tmp)
-        if opts.quality:
-            quality_table(report, opts, tmp)
+        tables = opts.tables.split(",")
+        if "loader" in tables or "prepare" in tables:
+            _json_corpus(tmp / "docs", opts.corpus_mb)
+        for name, table in (("loader", loader_table), ("prepare", prepare_table), ("quality", quality_table)):
+            if name in tables:
+                table(report, opts, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if opts.out:
