@@ -268,13 +268,16 @@ class JaxBackend(Backend):
             return slice(rows[0], rows[-1] + 1)
         return slice(0, micro_batch)
 
+    _rows, _rows_of = None, None     # batch_rows of the last micro-batch size placed
+
     def _put_batch(self, tokens):
         """Token batch [n, micro_batch or this process's rows, T + 1] -> the global batch array."""
         t = np.asarray(tokens, np.int32)
         micro = self._micro_batch or t.shape[1]
         if t.shape[1] == micro:
             return self._put(t, self.batch_sharding)
-        rows = self.batch_rows(micro)
+        rows = self._rows if self._rows_of == micro else self.batch_rows(micro)
+        self._rows, self._rows_of = rows, micro
         if t.shape[1] != rows.stop - rows.start:
             raise ValueError(f"a batch of {t.shape[1]} rows is neither the micro-batch ({micro}) nor this "
                              f"process's rows {rows.start}:{rows.stop}")

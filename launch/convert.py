@@ -380,7 +380,8 @@ def _checkpoint_tokenizer(ckpt, manifest: dict, given: str | None):
     run's (run_dir/tokenizer.json beside run_dir/checkpoints/), else None."""
     recorded = (manifest.get("data") or {}).get("tokenizer")
     if given:
-        tok = tokenizer.load(given)
+        recorded_eos = (recorded or {}).get("eos_id") if tokenizer.parse_spec(given)[0] == "file" else None
+        tok = tokenizer.HFTokenizer(given, eos_id=recorded_eos) if recorded_eos is not None else tokenizer.load(given)
         if recorded and recorded.get("sha256") not in (None, tok.sha256):
             raise UserError(f"--tokenizer {given} is not the tokenizer {ckpt} was trained with "
                             f"({recorded.get('kind')}, {str(recorded.get('sha256'))[:12]})")

@@ -58,7 +58,7 @@ def test_a_tokenizer_file_is_checked(tmp_path):
 def test_a_tokenizer_without_a_known_eos_names_the_option(tmp_path):
     from tokenizers import Tokenizer, models
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(UserError, match="eos_token"):
+    with pytest.raises(UserError, match="--eos-token"):
         tk.load(str(tmp_path))
     assert tk.load(str(tmp_path), eos_token="[UNK]").eos_id == 1
 
@@ -217,3 +217,26 @@ def test_bits_per_byte_counts_text_bytes(tmp_path, bpe):
     assert byte.sources[0].stream.bytes_per_token() == pytest.approx(nbytes / (nbytes + 1))
     ratio = nbytes / len(pieces.sources[0].stream)
     assert pieces.bits_per_byte(2.0) == pytest.approx(2.0 / np.log(2) / ratio)
+
+
+def test_a_refused_rerun_leaves_the_dataset_and_a_custom_eos_survives(tmp_path):
+    """A rerun into a dataset with another tokenizer is refused and changes nothing; a dataset made with a
+    custom end-of-document token keeps it (index, mixtures, the tokenizer a run exports)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["hello", "world", "[UNK]", "<|im_end|>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "custom").mkdir()
+    tok.save(str(tmp_path / "custom" / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("hello world " * 300)
+    build(tmp_path / "ds", Options(inputs=[str(tmp_path / "t.txt")], progress=False))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    with pytest.raises(UserError, match="other inputs or settings"):
+        build(tmp_path / "ds", Options(tokenizer=str(tmp_path / "custom"), eos_token="<|im_end|>",
+                                       inputs=[str(tmp_path / "t.txt")], progress=False))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == before
+    build(tmp_path / "c", Options(tokenizer=str(tmp_path / "custom"), eos_token="<|im_end|>",
+                                  inputs=[str(tmp_path / "t.txt")], progress=False))
+    data = TokenData(str(tmp_path / "c"), 8, 0)
+    assert data.eos_id == 3 and data.train_batch(0, 2).max() <= 3
+    assert tk.for_checkpoint(data.tokenizer, tmp_path / "c").eos_id == 3

@@ -10,12 +10,13 @@ framework, device or process count, needs only the step, and a process reads onl
 """
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
-import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +140,10 @@ class TokenData:
         bpt = self.sources[source].stream.bytes_per_token()
         return loss / math.log(2) / bpt if bpt > 0 else None
 
-    def unigram_entropy(self) -> float:
+    def unigram_entropy(self, limit: int = 1 << 27) -> float:
+        """The unigram baseline of the first source's train part (its first `limit` tokens at most)."""
         src = self.sources[0]
-        return src.stream.unigram_entropy(src.n_train * self.seq_len + 1)
+        return src.stream.unigram_entropy(min(src.n_train * self.seq_len + 1, limit))
 
 
 def _permuted(samples: np.ndarray, count: int, key: tuple, offset: int) -> np.ndarray:
@@ -186,7 +188,7 @@ def _name(path: str) -> str:
 def _one_tokenizer(sources: list[Source]) -> dict:
     first = sources[0].tokenizer
     for s in sources[1:]:
-        if s.tokenizer.get("sha256") != first.get("sha256"):
+        if (s.tokenizer.get("sha256"), s.tokenizer.get("eos_id")) != (first.get("sha256"), first.get("eos_id")):
             raise UserError(f"data sources {sources[0].name!r} and {s.name!r} were tokenized differently; a "
                             f"mixture needs one tokenizer (rebuild them with the same --tokenizer)")
     return first
@@ -238,15 +240,15 @@ def builtin_dataset(name: str, tokenizer: str | None = None) -> Path:
     out = cache_dir() / "datasets" / f"{name}-{tag}"
     if (out / ds.INDEX).exists():
         return out
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-")) / "dataset"
     build(tmp, Options(tokenizer=spec, inputs=[str(BUILTIN[name])], workers=1, progress=False))
     try:
         tmp.rename(out)
     except OSError:
         if not (out / ds.INDEX).exists():
             raise
-        shutil.rmtree(tmp, ignore_errors=True)      # another process finished it first
+    shutil.rmtree(tmp.parent, ignore_errors=True)   # empty, or another process finished first
     return out
 
 
@@ -257,24 +259,32 @@ def builtin_text(name: str) -> str:
 
 def stage(url: str) -> Path:
     """An object-store dataset copied into the cache: the index, the tokenizer, then each shard not yet
-    staged, downloaded to a temporary name, checked against the index's size and SHA-256, and renamed."""
+    staged, downloaded to a temporary name, checked against the index's size and SHA-256, and renamed.
+    Processes staging the same dataset at once take turns (a lock file in the cache)."""
     from trainer.storage.location import StoreDir, storage_errors
     remote = StoreDir(url)
     local = cache_dir() / "remote-data" / hashlib.sha256(remote.url.encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)
-    with storage_errors("read the dataset", remote.url):
+    with open(local / ".stage.lock", "w") as lock, storage_errors("read the dataset", remote.url):
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             raw = remote.read_bytes(ds.INDEX)
         except FileNotFoundError:
             raise UserError(f"{remote.url} is not a dataset (no {ds.INDEX})") from None
-        index = json.loads(raw)
-        (local / tk.TOKENIZER_FILE).unlink(missing_ok=True)
+        index = ds.parse_index(raw, f"{remote.url}/{ds.INDEX}")
         if remote.exists(tk.TOKENIZER_FILE):
-            remote.store.download_file(remote.join_key(tk.TOKENIZER_FILE), local / tk.TOKENIZER_FILE)
+            _download(remote, tk.TOKENIZER_FILE, local / tk.TOKENIZER_FILE)
         for entry in index.get("shards", []):
             _stage_shard(remote, local, entry)
-    ds.write_index(local, index)
+        ds.write_index(local, index)
     return local
+
+
+def _download(remote, name: str, target: Path) -> Path:
+    tmp = target.with_name(target.name + ".part")
+    remote.store.download_file(remote.join_key(name), tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def _stage_shard(remote, local: Path, entry: dict) -> None:
@@ -290,4 +300,4 @@ def _stage_shard(remote, local: Path, entry: dict) -> None:
         raise StorageError(f"{remote.url}/{entry['file']} does not match its index (SHA-256 {got[:12]} vs "
                            f"{entry['sha256'][:12]}): the dataset on the store is damaged or being rewritten")
     os.replace(tmp, target)
-    marker.write_text(entry["sha256"])
+    tk.write_atomic(marker, entry["sha256"])

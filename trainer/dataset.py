@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError
+from models.errors import StorageError, UserError
 
 INDEX = "dataset.json"
 FORMAT = "trichip-tokens"
@@ -33,10 +33,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_index(directory: Path) -> dict:
     path = Path(directory) / INDEX
     try:
-        index = json.loads(path.read_text())
+        return parse_index(path.read_bytes(), path)
     except FileNotFoundError:
         raise UserError(f"{directory} is not a dataset (no {INDEX}); make one with "
                         f"`python -m launch.prepare_data OUT_DIR INPUTS...`") from None
+    except PermissionError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def parse_index(raw: bytes, path) -> dict:
+    """A dataset.json's contents, checked to be a trichip dataset index of this format version."""
+    try:
+        index = json.loads(raw)
     except ValueError:
         raise UserError(f"{path} is not JSON; rebuild the dataset with launch.prepare_data") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -142,7 +150,8 @@ class TokenStream:
         return float(self.index.get("text_bytes", 0)) / max(len(self), 1)
 
     def unigram_entropy(self, upto: int) -> float:
-        """Cross-entropy (nats/token) of the unigram distribution of tokens [0, upto): the baseline to beat."""
+        """Cross-entropy (nats/token) of the unigram distribution of tokens [0, upto): the baseline to beat
+        (callers bound `upto`: this reads every token up to it)."""
         counts = np.zeros(self.vocab_size, np.int64)
         for i, shard in enumerate(self.shards):
             lo, hi = int(self.offsets[i]), min(int(self.offsets[i + 1]), upto)
@@ -162,6 +171,8 @@ def _open_shard(directory: Path, entry: dict, dtype: np.dtype) -> np.ndarray:
         arr = np.load(path, mmap_mode="r")
     except FileNotFoundError:
         raise UserError(f"shard {path} listed in {directory / INDEX} is missing") from None
+    except PermissionError as e:
+        raise StorageError(f"cannot read shard {path}: {e.strerror}") from None
     except (ValueError, EOFError) as e:
         raise UserError(f"shard {path} is not a token shard (.npy): {e}") from None
     if arr.ndim != 1 or arr.dtype != dtype or len(arr) != entry["tokens"]:

@@ -343,7 +343,8 @@ def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: i
              info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
     log.info("%s params, %d steps of %d tokens; start at step %d from %s",
              f"{num_params(run.model):,}", run.steps, run.tokens_per_step, start_step, source)
-    log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
+    if log.isEnabledFor(logging.INFO):     # the lead process: the others log warnings only
+        log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
     meta = {"model": run.model.to_dict(), "writer": info,
             "data": {"path": run.cfg["data"]["path"], "seed": run.seed, "next_step": None,
                      "tokenizer": data.tokenizer}, "rng": {"seed": run.seed}}

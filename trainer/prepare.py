@@ -14,6 +14,7 @@ import os
 import queue
 import shutil
 import threading
+import zlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def documents(path: Path, opts: Options, missing: list):
                         missing.append(f"{path}:{number}")
                     else:
                         yield text
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
@@ -182,7 +183,7 @@ def fingerprint(files: list[Path], opts: Options, tok: tk.Tokenizer) -> dict:
     return {"inputs": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
                        for f in files],
             "tokenizer": opts.tokenizer if opts.tokenizer.startswith("train-bpe:") else tok.sha256,
-            "field": opts.field, "column": opts.column, "on_missing": opts.on_missing,
+            "eos_id": tok.eos_id, "field": opts.field, "column": opts.column, "on_missing": opts.on_missing,
             "shard_tokens": opts.shard_tokens}
 
 
@@ -213,7 +214,10 @@ def _build(out: Path, opts: Options) -> dict:
                             f"directory or remove {out}")
         if index.get("complete"):
             return index
+        _remove_partial_shards(out)
     else:
+        if not opts.tokenizer.startswith("train-bpe:"):      # train-bpe:N saved it as it trained
+            tok.save(out)
         index = _new_index(tok, fp, files)
         ds.write_index(out, index)
     return _write_shards(out, files, opts, tok, index)
@@ -228,6 +232,12 @@ def _existing(out: Path) -> dict | None:
     return None
 
 
+def _remove_partial_shards(out: Path) -> None:
+    """A crashed writer's temporary shard files (never in the index)."""
+    for tmp in out.glob("shard-*.npy.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _tokenizer(out: Path, files: list[Path], opts: Options, index: dict | None) -> tk.Tokenizer:
     """The dataset's tokenizer, saved as OUT/tokenizer.json (trained first for train-bpe:N)."""
     kind, arg = tk.parse_spec(opts.tokenizer)
@@ -236,9 +246,7 @@ def _tokenizer(out: Path, files: list[Path], opts: Options, index: dict | None) 
             return tk.HFTokenizer(out / tk.TOKENIZER_FILE, tk.BPE_EOS)
         texts = (t for f in files for t in documents(f, opts, []))
         return tk.train_bpe(arg, texts, out)
-    tok = tk.load(opts.tokenizer, opts.eos_token)
-    tok.save(out)
-    return tok
+    return tk.load(opts.tokenizer, opts.eos_token)
 
 
 def _new_index(tok: tk.Tokenizer, fp: dict, files: list[Path]) -> dict:
@@ -270,6 +278,7 @@ def _write_shards(out: Path, files: list[Path], opts: Options, tok: tk.Tokenizer
     if index["tokens"] == 0:
         raise UserError(f"no text to tokenize in {[str(f) for f in files]} (the inputs are empty)")
     index["complete"] = True
+    index["skipped"] = list(dict.fromkeys(missing))
     ds.write_index(out, index)
     return index
 

@@ -59,7 +59,7 @@ class HFTokenizer(Tokenizer):
     """A `tokenizer.json` (Llama 3, Mistral, GPT-2 style BPE, or one trained by `train_bpe`)."""
     kind = "hf"
 
-    def __init__(self, path: str | os.PathLike, eos_token: str | None = None):
+    def __init__(self, path: str | os.PathLike, eos_token: str | None = None, eos_id: int | None = None):
         from tokenizers import Tokenizer as HFTok
         path = Path(path)
         if path.is_dir():
@@ -75,7 +75,7 @@ class HFTokenizer(Tokenizer):
         self.path = path
         self.sha256 = hashlib.sha256(self.text.encode("utf-8")).hexdigest()
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = self._eos(eos_token)
+        self.eos_id = int(eos_id) if eos_id is not None else self._eos(eos_token)
 
     def _eos(self, eos_token: str | None) -> int:
         names = (eos_token,) if eos_token else EOS_CANDIDATES
@@ -84,7 +84,7 @@ class HFTokenizer(Tokenizer):
             if i is not None:
                 return int(i)
         raise UserError(f"{self.path} has no end-of-document token among {list(names)}; name the one it uses "
-                        f"with data.eos_token= (prepare_data: --eos-token)")
+                        f"with `python -m launch.prepare_data ... --eos-token TOKEN`")
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, np.uint32) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
@@ -144,11 +144,10 @@ def from_identity(ident: dict, directory: Path) -> Tokenizer:
     """The tokenizer a dataset or checkpoint recorded, from the tokenizer.json stored beside it."""
     if ident.get("kind") == "bytes":
         return Tokenizer()
-    tok = HFTokenizer(Path(directory) / TOKENIZER_FILE, None)
+    tok = HFTokenizer(Path(directory) / TOKENIZER_FILE, eos_id=ident.get("eos_id"))
     if tok.sha256 != ident.get("sha256"):
         raise UserError(f"{Path(directory) / TOKENIZER_FILE} is not the tokenizer {directory} records "
                         f"(SHA-256 {tok.sha256[:12]} vs {str(ident.get('sha256'))[:12]}); restore the original file")
-    tok.eos_id = int(ident.get("eos_id", tok.eos_id))
     return tok
 
 
@@ -173,11 +172,15 @@ def _byte_symbols() -> list[str]:
 def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
