@@ -7,6 +7,7 @@ rendezvous store at MASTER_ADDR:MASTER_PORT.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import socket
@@ -77,8 +78,18 @@ def initialize_torch(backend: str, env: LaunchEnv) -> tuple[int, int]:
     import torch.distributed as dist
     if not dist.is_initialized():
         dist.init_process_group(backend)
+        atexit.register(_leave_process_group)
     host_group()
     return dist.get_rank(), env.world_size
+
+
+def _leave_process_group() -> None:
+    """At exit: destroy the process groups, so their communication threads stop before the interpreter
+    tears down (left running, a peer closing its sockets can abort this process)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        _HOST_GROUP.clear()
+        dist.destroy_process_group()
 
 
 _HOST_GROUP = {}
