@@ -55,10 +55,11 @@ def parse_index(raw: bytes, path) -> dict:
 
 
 def write_index(directory: Path, index: dict) -> None:
-    _replace(Path(directory) / INDEX, json.dumps(index, indent=1).encode())
+    write_atomic(Path(directory) / INDEX, json.dumps(index, indent=1).encode())
 
 
-def _replace(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` durably: a temporary file, fsynced, renamed, the directory fsynced."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
