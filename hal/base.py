@@ -182,11 +182,15 @@ class Backend(abc.ABC):
         model's tensors, CheckpointDamaged, or StorageError (hal.store.read_tensors)."""
         from hal import store
         name = self._check_model_tensors(path, manifest_tensors, name)
-        t = store.read_tensors(path, list(manifest_tensors), name=name)
-        found = store.summarize(t)
+        t, found = store.read_and_summarize(path, list(manifest_tensors), name=name)
         layout.verify(manifest_tensors, found, name)
-        self.set_state(HostState.from_tensors(t))
+        self._set_read_state(HostState.from_tensors(t))
         return found
+
+    def _set_read_state(self, state: HostState) -> None:
+        """set_state for a state just read from a checkpoint: its arrays belong to nobody else, so a
+        backend may keep them as its own storage instead of copying them."""
+        self.set_state(state)
 
     def _check_model_tensors(self, path: str, manifest_tensors: dict, name) -> str:
         """Raise WrongModelError unless the manifest lists exactly this model's tensors and shapes; returns

@@ -88,6 +88,6 @@ class ShardStore:
         tensor where it is replicated, as NumPy}, hal.store.summarize's {name: shape, dtype, digest} of
         the global tensors, its digests added over ranks with `allreduce`)."""
         shardings = {n: self.sharding(n, shape) for n, shape in shapes.items()}
-        read = store.read_tensors(path, list(shapes), shardings=shardings, name=name)
-        found = store.summarize(read, allreduce)
+        read, found = store.read_and_summarize(path, list(shapes), shardings=shardings, name=name,
+                                               allreduce=allreduce)
         return {n: np.asarray(arr.addressable_shards[0].data) for n, arr in read.items()}, found

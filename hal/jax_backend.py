@@ -334,8 +334,8 @@ class JaxBackend(Backend):
         Backend.load before the state is replaced."""
         name = self._check_model_tensors(path, manifest_tensors, name)
         sh = self._shardings()
-        t = store.read_tensors(path, list(sh), shardings=sh, name=name)
-        found = store.summarize(t, self.allreduce if self.process_count > 1 else None)
+        t, found = store.read_and_summarize(path, list(sh), shardings=sh, name=name,
+                                            allreduce=self.allreduce if self.process_count > 1 else None)
         layout.verify(manifest_tensors, found, name)
         self._set_tensors(t)
         return found

@@ -145,7 +145,6 @@ def _consecutive_base(index: tuple, shape: tuple, local_shape: tuple):
     return starts[0] * strides[0]
 
 
-_DIGEST_ON_DEVICE = ("cpu", "gpu", "cuda", "rocm")
 
 
 def _host_device():
@@ -163,12 +162,14 @@ def digest(values, index: tuple = (), shape: tuple | None = None) -> int:
 def _digest_future(values, index: tuple = (), shape: tuple | None = None):
     """Digest of a shard `values` = global_array[index] of a tensor of `shape` (whole array by default).
 
-    `values` is a NumPy array (digested on the host CPU) or a single-device jax.Array (digested where it
-    lives). The value is digest_reference's: a sum over elements of a 64-bit mix of (global position, bits)."""
+    `values` is a NumPy array or a single-device jax.Array; either is digested on the host CPU (an
+    accelerator's array is moved to the host first: a kernel on the device would queue on the stream the
+    training steps run on, and TPUs and Neuron emulate or narrow 64-bit integers). The value is
+    digest_reference's: a sum over elements of a 64-bit mix of (global position, bits)."""
     import jax
     shape = tuple(values.shape) if shape is None else tuple(shape)
-    if isinstance(values, jax.Array) and next(iter(values.devices())).platform not in _DIGEST_ON_DEVICE:
-        values = np.asarray(values)      # TPU, Neuron: 64-bit integers are emulated or narrowed there
+    if isinstance(values, jax.Array) and next(iter(values.devices())).platform != "cpu":
+        values = np.asarray(values)      # waits for the transfer (started by _sum_parts); the GIL is released
     with jax.enable_x64(True):     # thread-local: the model's own dtypes are untouched; float64 stays 64-bit
         if isinstance(values, np.ndarray) or np.isscalar(values):
             values = np.asarray(values)
@@ -200,6 +201,11 @@ def _shard_jobs(tensors: dict, process_index: int) -> list:
 
 
 def _sum_parts(jobs: list) -> np.ndarray:
+    import jax
+    for shards in jobs:        # accelerator shards go to the host: every transfer started before any is waited for
+        for values, _, _ in shards:
+            if isinstance(values, jax.Array) and next(iter(values.devices())).platform != "cpu":
+                values.copy_to_host_async()
     pending = [[_digest_future(*job) for job in shards] for shards in jobs]   # all dispatched, then waited for
     return np.array([sum(int(p) for p in ps) % 2**64 for ps in pending], np.uint64)
 
@@ -208,8 +214,13 @@ def write_and_describe(path: str, tensors: dict, process_index: int = 0) -> dict
     """write_tensors, and {name: {shape, dtype, part}} with `part` this process's share of the tensor's
     digest (see _shard_jobs), computed beside the write (both release the GIL). The
     shards are taken here first: a jax.Array's shard list is built lazily, and building it from two
-    threads at once handed orbax a wrong object."""
+    threads at once handed orbax a wrong object. A single process moves single-device arrays to the
+    host first (_on_host): the host arrays are what is digested and what is written."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+    if jax.process_count() == 1:
+        tensors = _on_host(tensors)
     jobs = _shard_jobs(tensors, process_index)
     with ThreadPoolExecutor(1, thread_name_prefix="digests") as pool:
         parts = pool.submit(_sum_parts, jobs)
@@ -369,6 +380,76 @@ def read_tensors(path: str, names: list[str], shardings: dict | None = None, nam
     if missing:
         raise CheckpointDamaged(f"checkpoint {name} is damaged: tensor {missing[0]} is missing from its state/")
     return out
+
+
+def read_and_summarize(path: str, names: list[str], shardings: dict | None = None, name=None,
+                       allreduce=None) -> tuple[dict, dict]:
+    """read_tensors and summarize together: ({name: array}, {name: {shape, dtype, digest}}).
+
+    A checkpoint one process wrote (a plain zarr array per tensor) is read by tensorstore straight into
+    64-byte aligned host arrays, every read issued at once; each tensor's digest is dispatched as soon as
+    its read is done, so the digests of early tensors run while later ones are still read. Where
+    `shardings` are given the verified host arrays are then placed with them. Other checkpoints (OCDBT,
+    several processes reading their shards) go through orbax: read_tensors, then summarize."""
+    if _plain_zarr(path):
+        tensors, found = _read_plain(path, names, name or os.path.dirname(os.path.abspath(path)))
+        if shardings is not None:
+            import jax
+            tensors = {n: jax.device_put(v, shardings[n]) for n, v in tensors.items()}
+        return tensors, found
+    tensors = read_tensors(path, names, shardings, name)
+    return tensors, summarize(tensors, allreduce)
+
+
+def _plain_zarr(path: str) -> bool:
+    """A single process reads a checkpoint whose tensors are zarr arrays of their own (no OCDBT)."""
+    import jax
+    return (jax.process_count() == 1 and os.path.isfile(os.path.join(path, "_METADATA"))
+            and not os.path.exists(os.path.join(path, "manifest.ocdbt")))
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte boundary: the digest kernel (JAX on the host
+    CPU) then reads it in place, and torch.from_numpy shares it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _zarr_spec(array_dir: str) -> dict:
+    """The tensorstore spec orbax reads a single-process array with: zarr (v2) or zarr3, a missing chunk
+    an error rather than a fill value."""
+    driver = "zarr3" if os.path.isfile(os.path.join(array_dir, "zarr.json")) else "zarr"
+    return {"driver": driver, "kvstore": {"driver": "file", "path": array_dir + "/"},
+            "recheck_cached_data": False, "recheck_cached_metadata": False, "fill_missing_data_reads": False}
+
+
+def _read_plain(path: str, names: list[str], name) -> tuple[dict, dict]:
+    """Read a plain-zarr checkpoint's tensors into aligned host arrays, digests overlapping the reads."""
+    import tensorstore as ts
+    dirs = {n: os.path.join(os.path.abspath(path), n.replace("/", ".")) for n in names}
+    missing = [n for n, d in dirs.items() if not os.path.isdir(d)]
+    if missing and not _unreadable(path):
+        raise CheckpointDamaged(f"checkpoint {name} is damaged: tensor {missing[0]} is missing from its state/")
+    try:
+        with gc_paused():
+            stores = [f.result() for f in [ts.open(_zarr_spec(d), open=True) for d in dirs.values()]]
+            out = [_aligned_empty(tuple(s.shape), s.dtype.numpy_dtype) for s in stores]
+            reads = [ts.array(o, copy=False).write(s) for o, s in zip(out, stores)]
+            pending = []
+            for o, r in zip(out, reads):
+                r.result()
+                pending.append(_digest_future(o))        # dispatched; runs while later reads go on
+            parts = [int(p) for p in pending]
+    except Exception as e:     # noqa: BLE001  (tensorstore raises ValueError with a status code; sorted out here)
+        error = _read_error(e, path, names, name)
+        if error is e:
+            raise
+        raise error from e
+    tensors = dict(zip(names, out))
+    return tensors, {n: dict(_shape_dtype(v), digest=p) for (n, v), p in zip(tensors.items(), parts)}
 
 
 def summarize(tensors: dict, allreduce=None) -> dict:

@@ -14,6 +14,7 @@ from hal import distributed, layout, neuron, store, torch_parallel
 from hal import mesh as meshlib
 from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError
 from hal.fsdp_store import ShardStore
+from hal.host_buffers import HostBufferPool
 from models.spec import LlamaConfig, decays
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ def _torch_mesh(mesh: dict | None, mesh_rule: str, instance_type: str | None, wo
 def _bytes_line(parts: dict) -> str:
     """{part: bytes} as 'params 1.2 MiB, optimizer 2.4 MiB, ...' for the log."""
     return ", ".join(f"{name} {n / 2 ** 20:.2f} MiB" for name, n in parts.items())
+
+
+def _numpy_float32(t) -> np.ndarray:
+    """A CPU tensor as a float32 NumPy array: a view where it is float32, else a converted copy."""
+    import torch
+    return (t if t.dtype == torch.float32 else t.float()).numpy()
 
 
 def _is_dtensor(t) -> bool:
@@ -269,6 +276,7 @@ class TorchBackend(Backend):
         return self._torch.stack([v.float() for v in values]).cpu().tolist()
 
     def _optimizer_step(self) -> None:
+        self._await_snapshot_copy()
         self.opt.step()
         if self.hooks is not None and self.hooks.step_barrier is neuron.StepBarrier.TORCH_XLA_SYNC:
             import torch_xla
@@ -298,10 +306,21 @@ class TorchBackend(Backend):
         return {"params": param_bytes, "optimizer": sum(moments.values()) if moments else 2 * param_bytes}
 
     # -- state ---------------------------------------------------------------------------------
-    def _to_param_layout(self, p, full: np.ndarray):
-        """A full host array -> a tensor laid out like parameter p (a DTensor shard under FSDP2)."""
+    def _host_tensor(self, full, shared: bool):
+        """A host array as a float32 CPU tensor. `shared`: it may share the array's memory (the array is
+        the caller's to give away, or the tensor is only read before the call returns); otherwise (and
+        where it is not float32, contiguous and writable) it is copied, once."""
         torch = self._torch
-        t = torch.from_numpy(np.array(full, np.float32, copy=True)).to(self.device)
+        arr = np.asarray(full)
+        if arr.dtype == np.float32 and arr.flags.c_contiguous and arr.flags.writeable and shared:
+            return torch.from_numpy(arr)
+        return torch.from_numpy(np.array(arr, np.float32, copy=True))
+
+    def _to_param_layout(self, p, full: np.ndarray, shared: bool = False):
+        """A full host array -> a tensor laid out like parameter p (a DTensor shard under FSDP2). A host
+        tensor moved to an accelerator is copied by that move, so only a CPU tensor needs `shared` to
+        decide whether it keeps the array's memory."""
+        t = self._host_tensor(full, shared or self.device.type != "cpu").to(self.device)
         if _is_dtensor(p):                     # sharded (FSDP2, tensor parallel); else held whole
             from torch.distributed.tensor import distribute_tensor
             t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
@@ -311,20 +330,30 @@ class TorchBackend(Backend):
         return t.to_local() if hasattr(t, "to_local") else t
 
     def set_state(self, state: HostState) -> None:
+        self._place(state, owned=False)
+
+    def _set_read_state(self, state: HostState) -> None:
+        self._place(state, owned=True)
+
+    def _place(self, state: HostState, owned: bool) -> None:
+        """Parameters are copied into their tensors straight from the host arrays (one copy); the moments
+        become new tensors, which on the CPU keep the arrays' memory where they are `owned` (nobody else
+        holds them) and copy them otherwise."""
         torch = self._torch
         mismatch = set(self._names) ^ set(state.params)
         if mismatch:
             raise UserError(f"state does not match the model: parameters {sorted(mismatch)[:3]} differ")
         named = self._resharded()
+        self._await_snapshot_copy()
         with torch.no_grad():
             for name, p in named.items():
-                self._local(p).copy_(self._local(self._to_param_layout(p, state.params[name])))
+                self._local(p).copy_(self._local(self._to_param_layout(p, state.params[name], shared=True)))
         self.opt.state.clear()
         if state.count > 0:
             for name, p in named.items():
                 self.opt.state[p] = {"step": self._step_tensor(state.count),
-                                     "exp_avg": self._to_param_layout(p, state.mu[name]),
-                                     "exp_avg_sq": self._to_param_layout(p, state.nu[name])}
+                                     "exp_avg": self._to_param_layout(p, state.mu[name], shared=owned),
+                                     "exp_avg_sq": self._to_param_layout(p, state.nu[name], shared=owned)}
 
     def _step_tensor(self, count: int):
         """AdamW's step count as torch keeps it: on the device for the fused kernel, on the CPU otherwise."""
@@ -370,43 +399,91 @@ class TorchBackend(Backend):
         return layout.join(params, mu, nu)
 
     # -- checkpoints: this process's part of the state, written and read through hal.store (orbax) -------------
+    _buffer_pool: HostBufferPool | None = None     # host buffers of background saves, made at the first
+    _copy_stream = None                            # the CUDA stream their copies run on
+    _snapshot_copied = None                        # CUDA event: the last snapshot's copies are done
+
     def snapshot(self, copy: bool = True) -> Snapshot:
-        """This process's part of the state, cloned where it lives (device memory on a GPU; a memcpy on the
-        CPU) so training may go on; `write` moves it to the host and writes it. Under FSDP2 every rank
-        writes only its own rows (hal.fsdp_store)."""
+        """This process's part of the state (under FSDP2 each rank's own rows: hal.fsdp_store). copy=True:
+        copied now into host buffers that every save reuses (hal.host_buffers), so training may go on while
+        another thread runs `write`: on a GPU asynchronously, on a stream of its own (see _copy_to_host);
+        on the CPU a memcpy; other devices clone on the device and move the clones in `write`."""
         count = np.asarray(self._count(), layout.COUNT_DTYPE)
-        local = {name: (shape, v.detach().clone() if copy else v.detach())
-                 for name, (shape, v) in self._rows.local_parts(self._sharded_tensors()).items()}
+        local = {name: (shape, v.detach()) for name, (shape, v) in
+                 self._rows.local_parts(self._sharded_tensors()).items()}
         if self.distributed:
             self._rows.start()          # JAX's processes join here, on the training thread
-        to_host = self._host_copy(local, copy)
+        to_host, release = self._host_copy(local, copy)
 
         def write(path: str) -> dict:
-            host = to_host()
-            if self.distributed:
-                return self._rows.write(path, host, {layout.COUNT: count})
-            return store.write_and_describe(path, dict({n: v for n, (_, v) in host.items()}, **{layout.COUNT: count}))
+            try:
+                host = to_host()
+                if self.distributed:
+                    return self._rows.write(path, host, {layout.COUNT: count})
+                return store.write_and_describe(path, dict({n: v for n, (_, v) in host.items()},
+                                                           **{layout.COUNT: count}))
+            finally:
+                release()
         return Snapshot(write)
 
     def _host_copy(self, local: dict, copy: bool):
-        """A function that returns {name: (shape, float32 host array)} of the snapshot's tensors. On a GPU
-        (with copy) the transfers go on a stream of their own: on the training stream they would queue
-        behind, and hold up, the next step."""
+        """(to_host, release): to_host() returns {name: (shape, float32 host array)} of the snapshot's
+        tensors; release() hands the host buffers back once the write has returned."""
         torch = self._torch
-        if not (copy and self.device.type == "cuda"):
-            def to_host():
-                with torch.no_grad():
-                    return {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
-            return to_host
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))      # after the clones
+        if copy and self.device.type in ("cpu", "cuda"):
+            return self._copy_to_host(local)
+        if copy:
+            local = {n: (shape, v.clone()) for n, (shape, v) in local.items()}
 
-        def to_host_on_side_stream():
-            with torch.no_grad(), torch.cuda.stream(side):
-                pinned = {n: (shape, v.to("cpu", non_blocking=True)) for n, (shape, v) in local.items()}
-            side.synchronize()
-            return {n: (shape, v.float().numpy()) for n, (shape, v) in pinned.items()}
-        return to_host_on_side_stream
+        def to_host():
+            with torch.no_grad():
+                return {n: (shape, v.float().cpu().numpy()) for n, (shape, v) in local.items()}
+        return to_host, lambda: None
+
+    def _copy_to_host(self, local: dict):
+        """Copy into pooled host buffers. On a GPU the copies run on a side stream that first waits for
+        the work queued on the training stream so far (the state as of this call); they read the live
+        tensors, so no device clone is made: the next update of the state (the optimizer step, or a new
+        state placed) makes the training stream wait for the copies' event (_await_snapshot_copy), and
+        only the writer thread waits on the host. The buffers are pinned, so the copies are asynchronous."""
+        torch = self._torch
+        cuda = self.device.type == "cuda"
+        if self._buffer_pool is None:
+            self._buffer_pool = HostBufferPool(
+                lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=cuda))
+        pool = self._buffer_pool
+        buffers = pool.acquire({n: (tuple(v.shape), v.dtype) for n, (_, v) in local.items()})
+        copied = None
+        with torch.no_grad():
+            if cuda:
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream(self.device)
+                side = self._copy_stream
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for n, (_, v) in local.items():
+                        v.record_stream(side)     # a temporary (a gathered or zero tensor) lives until copied
+                        buffers[n].copy_(v, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(side)
+                self._snapshot_copied = copied
+            else:
+                for n, (_, v) in local.items():
+                    buffers[n].copy_(v)
+
+        def to_host():
+            if copied is not None:
+                copied.synchronize()            # this thread only
+            with torch.no_grad():
+                return {n: (shape, _numpy_float32(buffers[n])) for n, (shape, _) in local.items()}
+        return to_host, lambda: pool.release(buffers)
+
+    def _await_snapshot_copy(self) -> None:
+        """Before the state is written on the device: the training stream waits for the last snapshot's
+        copies (an event wait queued on the device; the host goes on)."""
+        copied, self._snapshot_copied = self._snapshot_copied, None
+        if copied is not None:
+            self._torch.cuda.current_stream(self.device).wait_event(copied)
 
     def load(self, path: str, manifest_tensors: dict, name=None) -> dict:
         """Under FSDP2 every rank reads only its own rows (hal.fsdp_store); checked like Backend.load."""
@@ -426,6 +503,7 @@ class TorchBackend(Backend):
         torch = self._torch
         count = int(local[layout.COUNT])
         named = self._resharded()
+        self._await_snapshot_copy()
         self.opt.state.clear()
         with torch.no_grad():
             for n, p in named.items():
