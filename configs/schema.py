@@ -28,7 +28,7 @@ def _choices(name: str, *values: str) -> type[enum.Enum]:
 Framework = _choices("Framework", "jax", "torch")
 Platform = _choices("Platform", "auto", "cpu", "gpu", "tpu", "neuron")
 Attention = _choices("Attention", "auto", "xla", "cudnn")
-Precision = _choices("Precision", "fp32", "bf16")
+Precision = _choices("Precision", "fp32", "bf16", "fp8")
 Schedule = _choices("Schedule", "cosine", "linear", "constant")
 OnNonFinite = _choices("OnNonFinite", "stop", "skip")
 OnSaveError = _choices("OnSaveError", "stop", "continue")
@@ -121,7 +121,8 @@ class TrainerConfig:
     global_batch: int = 16                  # sequences per optimizer update
     micro_batch: Optional[int] = None       # sequences per forward/backward; null = global_batch (no accumulation)
     seq_len: int = 128
-    precision: Precision = Precision.fp32   # bf16: bf16 compute, fp32 params and optimizer state
+    precision: Precision = Precision.fp32   # bf16: bf16 compute, fp32 params and optimizer state; fp8: the blocks'
+    #                                         projections in float8 on fp8 GPUs (H100, H200, B200, L4, L40S), else bf16
     remat: bool = False                     # activation checkpointing
     log_every: int = 10
     eval_every: int = 100                   # 0 = never

@@ -18,6 +18,12 @@ from models.errors import (CheckpointDamaged, StorageError, UserError, WrongMode
 from models.spec import LlamaConfig, decays, param_shapes
 
 
+# fp32: fp32 compute; bf16: bf16 compute; fp8: the decoder blocks' projections in float8 (e4m3 forward, e5m2
+# gradients), the rest in bf16. Params and optimizer state are fp32 in every case.
+PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_MIN_CAPABILITY = (8, 9)
+
+
 class CheckpointSaveError(StorageError):
     """A checkpoint could not be written (disk full, file size limit, permissions); older ones are intact."""
 
@@ -103,8 +109,8 @@ class Backend(abc.ABC):
     platform: str    # "cpu" | "gpu" | "tpu" | "neuron"
 
     def __init__(self, model: LlamaConfig, optim: OptimizerSpec, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise UserError(f"trainer.precision must be fp32 or bf16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.model, self.optim, self.precision = model, optim, precision
 
     @abc.abstractmethod
@@ -207,6 +213,15 @@ class Backend(abc.ABC):
 
     def barrier(self, name: str) -> None:
         """Wait for every process."""
+
+
+def check_fp8(chip: str, capability: tuple[int, int] | None) -> None:
+    """Refuse trainer.precision=fp8 unless the chip multiplies float8 on its tensor cores: NVIDIA GPUs of
+    CUDA compute capability 8.9 (Ada: L4, L40S, RTX 40xx) and up (Hopper H100/H200, Blackwell B200).
+    capability: (major, minor), or None for a chip that is not a CUDA GPU (CPU, TPU, Neuron, ROCm)."""
+    if capability is None or tuple(capability) < FP8_MIN_CAPABILITY:
+        raise UserError(f"trainer.precision=fp8 needs a GPU with float8 tensor cores (CUDA compute capability 8.9+: "
+                        f"H100, H200, B200, L4, L40S, RTX 40xx); {chip} has none: use trainer.precision=bf16")
 
 
 def decay_mask(shapes: dict[str, tuple]) -> dict[str, bool]:

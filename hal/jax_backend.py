@@ -9,7 +9,7 @@ import numpy as np
 
 from hal import layout, neuron, store
 from hal import mesh as meshlib
-from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, first_line
+from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8, first_line
 from hal.distributed import initialize_jax, launch_env
 from models.spec import RESIDUAL_AXES, LlamaConfig, flatten, logical_axes, nest, param_shapes
 
@@ -51,15 +51,23 @@ def _configure(jax, precision: str, compile_cache_dir: str | None) -> None:
 
 
 def _attention_impl(asked: str, platform: str, precision: str) -> str:
-    """hal.attention: auto = cuDNN flash attention on GPUs in bf16 (it takes no fp32), XLA's elsewhere."""
+    """hal.attention: auto = cuDNN flash attention on GPUs in bf16 (it takes no fp32; fp8 computes attention
+    in bf16), XLA's elsewhere."""
+    bf16_compute = precision in ("bf16", "fp8")
     if asked == "auto":
-        return "cudnn" if platform == "gpu" and precision == "bf16" else "xla"
+        return "cudnn" if platform == "gpu" and bf16_compute else "xla"
     if asked not in ("xla", "cudnn"):
         raise UserError(f"hal.attention={asked!r} is not one of auto, xla, cudnn")
-    if asked == "cudnn" and (platform != "gpu" or precision != "bf16"):
-        raise UserError(f"hal.attention=cudnn needs hal.platform=gpu and trainer.precision=bf16 "
+    if asked == "cudnn" and (platform != "gpu" or not bf16_compute):
+        raise UserError(f"hal.attention=cudnn needs hal.platform=gpu and trainer.precision=bf16 or fp8 "
                         f"(here: {platform}, {precision}); use hal.attention=auto")
     return asked
+
+
+def _cuda_capability(jax, platform: str) -> tuple[int, int] | None:
+    """The CUDA compute capability (major, minor) of the first device; None where it is not a CUDA GPU."""
+    capability = getattr(jax.devices()[0], "compute_capability", None) if platform == "gpu" else None
+    return tuple(int(part) for part in str(capability).split(".")[:2]) if capability else None
 
 
 def make_loss_fn(apply, cross_entropy):
@@ -169,6 +177,8 @@ class JaxBackend(Backend):
         initialize_jax(distributed)
         self.platform = _select_platform(platform)
         self._jax = jax
+        if precision == "fp8":
+            check_fp8(jax.devices()[0].device_kind, _cuda_capability(jax, self.platform))
         _configure(jax, precision, compile_cache_dir)
         self._place_on_mesh(mesh, mesh_rule, instance_type)
         self.attention = _attention_impl(attention, self.platform, precision)
@@ -197,10 +207,10 @@ class JaxBackend(Backend):
     def _build_model(self, remat: bool, document_eos: int | None) -> None:
         import jax.numpy as jnp
         from models.llama_jax import LlamaForCausalLM
-        dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
+        dtype = jnp.bfloat16 if self.precision in ("bf16", "fp8") else jnp.float32
         self.net = LlamaForCausalLM(self.model, dtype=dtype, remat=remat,
                                     attention=None if self.attention == "xla" else self.attention,
-                                    document_eos=document_eos)
+                                    document_eos=document_eos, fp8=self.precision == "fp8")
         self.tx = adamw(self.optim, nest({k: len(s) == 2 for k, s in param_shapes(self.model).items()}))
 
     def _compile_functions(self) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from hal import distributed, layout, neuron, store, torch_parallel
 from hal import mesh as meshlib
-from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError
+from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8
 from hal.fsdp_store import ShardStore
 from hal.host_buffers import HostBufferPool
 from models.spec import LlamaConfig, decays
@@ -129,6 +129,8 @@ class TorchBackend(Backend):
         self.mesh_sizes, self.mesh_source = _torch_mesh(mesh, mesh_rule, instance_type, env.world_size,
                                                         fsdp2=self.hooks is None or self.hooks.supports_fsdp2)
         meshlib.check_tensor_degree(model, self.mesh_sizes["tensor"], "torch")
+        if precision == "fp8":
+            self._check_fp8()
         self._tensor_dims = torch_parallel.tensor_dims(model, self.mesh_sizes["tensor"])
         self._vocab_parallel = torch_parallel.vocab_parallel(model, self.mesh_sizes["tensor"])
         self._rows = ShardStore(self.mesh_sizes, self.process_index, self._from_rank0,
@@ -145,6 +147,8 @@ class TorchBackend(Backend):
         from models.llama_torch import LlamaForCausalLM
         with self._torch.device("meta"):
             net = LlamaForCausalLM(self.model, document_eos)
+        if self.precision == "fp8":
+            self._convert_fp8(net)
         net.activation_checkpointing = remat
         net.flex_attention = self.device.type == "cuda"
         self.device_mesh, self.fsdp = None, False
@@ -159,6 +163,29 @@ class TorchBackend(Backend):
         if self.device_mesh is not None and self.mesh_sizes["data"] * self.mesh_sizes["fsdp"] > 1:
             net = self._fully_shard(net)
         return net.to_empty(device=self.device)
+
+    def _check_fp8(self) -> None:
+        """trainer.precision=fp8 needs a CUDA GPU of compute capability 8.9+ and no tensor parallelism (the
+        float8 Linear layers would need torchao's float8 tensor-parallel styles)."""
+        torch = self._torch
+        cuda = self.device.type == "cuda" and not torch.version.hip
+        check_fp8(torch.cuda.get_device_name(self.device) if cuda else self.platform,
+                  torch.cuda.get_device_capability(self.device) if cuda else None)
+        if self.mesh_sizes["tensor"] > 1:
+            raise UserError(f"trainer.precision=fp8 on torch does not combine with tensor parallelism "
+                            f"(hal.mesh.tensor={self.mesh_sizes['tensor']}): use hal.mesh.tensor=1 or precision bf16")
+
+    def _convert_fp8(self, net) -> None:
+        """The blocks' Linear layers become torchao Float8Linear (models.llama_torch.convert_to_fp8), before
+        compile and FSDP2 wrap them; the rest computes in bf16 as trainer.precision=bf16 does. FSDP2
+        all-gathers their weights in bf16 and each block casts them to float8: torchao's float8 all-gather
+        (enable_fsdp_float8_all_gather) stays off, since it wraps the parameters in a tensor subclass that the
+        state and checkpoint paths here do not handle, needs a scale precompute after every optimizer step,
+        and saves all-gather bandwidth only where the weights are sharded over many GPUs."""
+        from models.llama_torch import convert_to_fp8
+        names = convert_to_fp8(net)
+        log.info("trainer.precision=fp8: %d Linear layers of the blocks in float8 (torchao Float8Linear); "
+                 "the output layer and embedding in bf16", len(names))
 
     def _device_mesh(self):
         """The DeviceMesh over every process: (data, fsdp, tensor), rank-major in that order (a tensor group
@@ -195,7 +222,7 @@ class TorchBackend(Backend):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         fsdp_mesh = self.device_mesh["data", "fsdp"] if self.mesh_sizes["data"] > 1 else self.device_mesh["fsdp"]
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.precision == "bf16" else MixedPrecisionPolicy()
+            if self.precision in ("bf16", "fp8") else MixedPrecisionPolicy()
         for layer in net.model.layers:
             fully_shard(layer, mesh=fsdp_mesh, mp_policy=mp)
         fully_shard(net, mesh=fsdp_mesh, mp_policy=mp)
@@ -214,7 +241,7 @@ class TorchBackend(Backend):
                             f"size ({groups}, mesh {self.mesh_sizes}); change the batch or hal.mesh")
 
     def _autocast(self):
-        if self.precision == "bf16" and not self.fsdp:   # FSDP2 casts through its MixedPrecisionPolicy
+        if self.precision in ("bf16", "fp8") and not self.fsdp:   # FSDP2 casts through its MixedPrecisionPolicy
             device_type = self.hooks.autocast_device if self.hooks else self.device.type
             return self._torch.autocast(device_type=device_type, dtype=self._torch.bfloat16)
         return contextlib.nullcontext()

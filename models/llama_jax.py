@@ -24,15 +24,66 @@ def matmul_t(x, w):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def fp8_quantize(x, dtype):
+    """Per-tensor dynamic scaling to a float8 `dtype`: (q, scale) with x ~= q * scale, where scale = amax(|x|) /
+    the format's largest finite value, taken from x itself (no amax history, so no state; torchao's default
+    recipe does the same). A tensor of zeros gets scale 1."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x))
+    largest = float(jnp.finfo(dtype).max)
+    scale = jnp.where(amax > 0, amax / largest, 1.0)
+    return jnp.clip(x / scale, -largest, largest).astype(dtype), scale
+
+
+def _scaled_dot(a, a_scale, b, b_scale, contract, dtype):
+    """dot_general of two float8 operands contracting dims `contract`, accumulated in float32, rescaled."""
+    y = jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return (y * (a_scale * b_scale)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_dot_t(x, w, dtype):
+    return _fp8_dot_t_fwd(x, w, dtype)[0]
+
+
+def _fp8_dot_t_fwd(x, w, dtype):
+    qx, sx = fp8_quantize(x, jnp.float8_e4m3fn)
+    qw, sw = fp8_quantize(w, jnp.float8_e4m3fn)
+    return _scaled_dot(qx, sx, qw, sw, ((1,), (1,)), dtype), (qx, sx, qw, sw)
+
+
+def _fp8_dot_t_bwd(dtype, saved, g):
+    """The output's gradient in e5m2 (wider range, fewer bits: what gradients need); the float8 operands
+    saved by the forward pass are reused."""
+    qx, sx, qw, sw = saved
+    qg, sg = fp8_quantize(g, jnp.float8_e5m2)
+    dx = _scaled_dot(qg, sg, qw, sw, ((1,), (0,)), dtype)      # [tokens, out] x [out, in]
+    dw = _scaled_dot(qg, sg, qx, sx, ((0,), (0,)), dtype)      # [tokens, out]^T x [tokens, in]
+    return dx, dw
+
+
+_fp8_dot_t.defvjp(_fp8_dot_t_fwd, _fp8_dot_t_bwd)
+
+
+def fp8_matmul_t(x, w):
+    """matmul_t in float8, output in x's dtype: x and w quantized to e4m3 with one dynamic scale each, the
+    output's gradient to e5m2 in the backward pass; products accumulated in float32. On Hopper-class GPUs
+    XLA runs these dots as cuBLASLt float8 GEMMs."""
+    y = _fp8_dot_t(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 class Linear(nn.Module):
-    """y = x W^T with W stored [out, in] (the HF/PyTorch layout), no bias."""
+    """y = x W^T with W stored [out, in] (the HF/PyTorch layout), no bias. fp8: the product in float8
+    (fp8_matmul_t); W stays float32 in the parameter tree either way."""
     features: int
     dtype: jnp.dtype = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.zeros_init(), (self.features, x.shape[-1]), jnp.float32)
-        return matmul_t(x.astype(self.dtype), w.astype(self.dtype))
+        return (fp8_matmul_t if self.fp8 else matmul_t)(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -78,15 +129,16 @@ class Attention(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None     # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
+    fp8: bool = False                # the projections in float8 (Linear.fp8)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask=None):
         cfg, hd = self.cfg, self.cfg.head_dim
         b, t, _ = x.shape
         h, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-        q = Linear(h * hd, self.dtype, name="q_proj")(x).reshape(b, t, h, hd)
-        k = Linear(kvh * hd, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
-        v = Linear(kvh * hd, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
+        q = Linear(h * hd, self.dtype, self.fp8, name="q_proj")(x).reshape(b, t, h, hd)
+        k = Linear(kvh * hd, self.dtype, self.fp8, name="k_proj")(x).reshape(b, t, kvh, hd)
+        v = Linear(kvh * hd, self.dtype, self.fp8, name="v_proj")(x).reshape(b, t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Grouped-query attention (query head j reads kv head j // (h // kvh), as HF's repeat_kv does).
         # implementation None is XLA's (it materialises the scores); "cudnn" is cuDNN flash attention
@@ -94,32 +146,35 @@ class Attention(nn.Module):
         # causal mask (cuDNN takes it as an additive bias).
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.attention)
         out = out.reshape(b, t, h * hd)
-        return Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
+        return Linear(cfg.hidden_size, self.dtype, self.fp8, name="o_proj")(out)
 
 
 class MLP(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x):
         f = self.cfg.intermediate_size
-        gate = Linear(f, self.dtype, name="gate_proj")(x)
-        up = Linear(f, self.dtype, name="up_proj")(x)
-        return Linear(self.cfg.hidden_size, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        gate = Linear(f, self.dtype, self.fp8, name="gate_proj")(x)
+        up = Linear(f, self.dtype, self.fp8, name="up_proj")(x)
+        return Linear(self.cfg.hidden_size, self.dtype, self.fp8, name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask=None):
         eps = self.cfg.rms_norm_eps
-        x = x + Attention(self.cfg, self.dtype, self.attention, name="self_attn")(
+        x = x + Attention(self.cfg, self.dtype, self.attention, self.fp8, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, mask)
-        return x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
+        return x + MLP(self.cfg, self.dtype, self.fp8, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
 
 
 class Embed(nn.Module):
@@ -138,6 +193,7 @@ class Decoder(nn.Module):
     remat: bool = False
     attention: str | None = None
     document_eos: int | None = None
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -148,7 +204,7 @@ class Decoder(nn.Module):
         if self.document_eos is not None:
             segments, positions = document_segments(tokens, self.document_eos)
             cos, sin, mask = cos[positions], sin[positions], document_mask(segments)
-        layers = _Layers(cfg, self.dtype, self.remat, self.attention, name="layers")
+        layers = _Layers(cfg, self.dtype, self.remat, self.attention, self.fp8, name="layers")
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(layers(x, cos, sin, mask))
 
 
@@ -158,12 +214,13 @@ class _Layers(nn.Module):
     dtype: jnp.dtype
     remat: bool
     attention: str | None = None
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask=None):
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         for i in range(self.cfg.num_hidden_layers):
-            x = layer_cls(self.cfg, self.dtype, self.attention, name=str(i))(x, cos, sin, mask)
+            x = layer_cls(self.cfg, self.dtype, self.attention, self.fp8, name=str(i))(x, cos, sin, mask)
         return x
 
 
@@ -176,10 +233,11 @@ class LlamaForCausalLM(nn.Module):
     remat: bool = False
     attention: str | None = None
     document_eos: int | None = None
+    fp8: bool = False        # the decoder blocks' projections in float8; the output layer stays in `dtype`
 
     @nn.compact
     def __call__(self, tokens):
-        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, self.document_eos, name="model")
+        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, self.document_eos, self.fp8, name="model")
         h = decoder(tokens)
         if self.cfg.tie_word_embeddings:
             w = decoder.variables["params"]["embed_tokens"]["weight"]

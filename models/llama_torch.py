@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.errors import UserError
 from models.spec import LlamaConfig, rope_tables
 
 
@@ -252,3 +253,29 @@ def generate(model: LlamaForCausalLM, prompt, max_new_tokens: int, temperature: 
         if i + 1 < max_new_tokens:
             logits = forward_cached(model, out[-1][:, None], cache, p + i)[:, -1]
     return torch.stack(out, dim=1)
+
+
+# -- float8 training ------------------------------------------------------------------------------------------
+
+def fp8_eligible(fqn: str, module: nn.Module) -> bool:
+    """Whether convert_to_fp8 converts this Linear: the projections of the decoder blocks (attention and MLP),
+    not the output layer, and only where both dims are multiples of 16 (what float8 GEMMs take)."""
+    return (fqn.startswith("model.layers.") and module.in_features % 16 == 0
+            and module.out_features % 16 == 0)
+
+
+def convert_to_fp8(net: LlamaForCausalLM) -> list[str]:
+    """Swap the decoder blocks' nn.Linear layers for torchao's Float8Linear, in place, with torchao's default
+    recipe: dynamic tensorwise scaling, inputs and weights in e4m3 and output gradients in e5m2, each scale
+    from the tensor's own amax. The output layer (lm_head, or the tied embedding) stays in the compute dtype,
+    as torchtitan keeps it. Parameter names, shapes and dtypes are unchanged (a Float8Linear holds a plain
+    weight and no scaling state), so state dicts and checkpoints are those of the unconverted model. Works on
+    a meta-device model. Returns the names of the converted modules."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError:
+        raise UserError("trainer.precision=fp8 on torch needs torchao: pip install 'trichip[fp8]'") from None
+    convert_to_float8_training(net, config=Float8LinearConfig(),
+                               module_filter_fn=lambda module, fqn: fp8_eligible(fqn, module))
+    return [name for name, module in net.named_modules() if isinstance(module, Float8Linear)]
