@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--framework", required=True, choices=["jax", "torch"])
     p.add_argument("--model", default="llama3.2-1b")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8"])
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=4)
@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch: torch.compile each block (hal.compile=true)")
     p.add_argument("--attention", default="auto", help="jax: hal.attention (auto | xla | cudnn)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak in this precision")
+    p.add_argument("--bf16-peak-tflops", type=float, default=None,
+                   help="the chip's dense bf16 peak: a second MFU (mfu_bf16) that compares across precisions")
     p.add_argument("--save-at", type=int, default=0,
                    help="start an async checkpoint save (trainer.checkpoint.PendingSave) after this step; report "
                         "how long it blocked, how the steps beside the write went and when it was committed")
@@ -94,6 +96,7 @@ def main() -> None:
     out = {"framework": a.framework, "model": a.model, "precision": a.precision, "seq_len": a.seq_len,
            "global_batch": a.global_batch, "micro_batch": a.micro_batch, "params": num_params(cfg),
            "flops_per_token": flops_per_token(cfg, a.seq_len), "peak_tflops": a.peak_tflops,
+           "bf16_peak_tflops": a.bf16_peak_tflops,
            "compile": a.compile if a.framework == "torch" else None}
     try:
         t0 = time.perf_counter()
@@ -139,6 +142,7 @@ def main() -> None:
         achieved = out["flops_per_token"] * out["tokens_per_s"]
         out["tflops"] = achieved / 1e12
         out["mfu"] = achieved / (a.peak_tflops * 1e12) if a.peak_tflops else None
+        out["mfu_bf16"] = achieved / (a.bf16_peak_tflops * 1e12) if a.bf16_peak_tflops else None
         out["ok"] = True
     except Exception as e:   # noqa: BLE001  (OOM and friends are results: the script retries smaller)
         text = f"{type(e).__name__}: {e}"
