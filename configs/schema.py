@@ -124,6 +124,10 @@ class TrainerConfig:
     precision: Precision = Precision.fp32   # bf16: bf16 compute, fp32 params and optimizer state; fp8: the blocks'
     #                                         projections in float8 on fp8 GPUs (H100, H200, B200, L4, L40S), else bf16
     remat: bool = False                     # activation checkpointing
+    # tokens per chunk of the cross-entropy: each chunk's logits are made and freed in turn, in the forward and
+    # the backward, so a step never holds the [tokens, vocab] logits whole; 0 = the whole logits at once.
+    # Under tensor parallelism (hal.mesh.tensor > 1) the loss takes the whole (vocab-split) logits
+    loss_chunk: int = 4096
     log_every: int = 10
     eval_every: int = 100                   # 0 = never
     eval_batches: int = 4

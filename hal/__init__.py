@@ -14,13 +14,16 @@ FRAMEWORKS = ("jax", "torch")
 
 
 def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32", remat: bool = False,
-                 document_eos: int | None = None) -> Backend:
+                 document_eos: int | None = None, loss_chunk: int = 0) -> Backend:
     """hal: the `hal` config group (framework, platform, mesh, ...). document_eos: the end-of-document token
-    id when attention must stay inside each document of a packed window (positions restart per document)."""
+    id when attention must stay inside each document of a packed window (positions restart per document).
+    loss_chunk: tokens per chunk of the cross-entropy (trainer.loss_chunk), 0 = through the whole logits."""
     framework = hal.get("framework")
+    if loss_chunk < 0:
+        raise UserError(f"trainer.loss_chunk={loss_chunk}: use 0 (the whole logits) or a number of tokens")
     common = dict(platform=hal.get("platform", "auto"), mesh=hal.get("mesh"),
                   mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"),
-                  neuron_cfg=hal.get("neuron"))
+                  neuron_cfg=hal.get("neuron"), loss_chunk=loss_chunk)
     if framework == "jax":
         _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
         from hal.jax_backend import JaxBackend

@@ -78,6 +78,20 @@ def make_loss_fn(apply, cross_entropy):
     return loss_fn
 
 
+def make_chunked_loss_fn(net, loss_chunk: int, batch_shards: int):
+    """loss(params, tokens [B, T + 1]): the mean next-token cross-entropy of `net` (models.llama_jax's
+    LlamaForCausalLM) without its whole logits: models.llama_jax.chunked_cross_entropy over chunks of about
+    `loss_chunk` tokens of the B / batch_shards rows each device holds (the positions are chunked, so the
+    batch sharding carries into every chunk)."""
+    from models.llama_jax import LlamaForCausalLM, chunked_cross_entropy, output_weight
+
+    def loss_fn(params, tokens):
+        h = net.apply({"params": params}, tokens[:, :-1], method=LlamaForCausalLM.hidden_states)
+        rows = max(1, tokens.shape[0] // batch_shards)
+        return chunked_cross_entropy(h, output_weight(params, net.cfg), tokens[:, 1:], max(1, loss_chunk // rows))
+    return loss_fn
+
+
 def sequence_parallel(apply, mesh, sizes: dict):
     """`apply` (a Flax module's apply) with the residual stream between the blocks laid out as the logical
     rules say for models.spec.RESIDUAL_AXES (batch, seq, act_embed): the sequence split over the tensor
@@ -166,8 +180,9 @@ class JaxBackend(Backend):
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, distributed="auto",
                  compile_cache_dir: str | None = None, neuron_cfg: dict | None = None, attention: str = "auto",
-                 document_eos: int | None = None):
+                 document_eos: int | None = None, loss_chunk: int = 0):
         super().__init__(model, optim, precision)
+        self.loss_chunk = loss_chunk
         self.hooks = None
         if platform == "neuron":   # never run on Trainium hardware here: see hal/neuron.py
             env = launch_env()
@@ -217,14 +232,10 @@ class JaxBackend(Backend):
         """The jitted train step, eval loss, logits and snapshot copy, with explicit shardings."""
         jax = self._jax
         import jax.numpy as jnp
-        from models.llama_jax import cross_entropy
         net, rep, batch = self.net, self.replicated, self.batch_sharding
         p_sh = nest(self.param_shardings)
         opt_sh = self._opt_shardings(p_sh)
-        apply = net.apply
-        if self.mesh_sizes["tensor"] > 1:
-            apply = sequence_parallel(apply, self.mesh, self.mesh_sizes)
-        loss_fn = make_loss_fn(apply, cross_entropy)
+        loss_fn = self._make_loss_fn()
         self._train_step = jax.jit(make_train_step(loss_fn, self.tx), donate_argnums=(0, 1),
                                    in_shardings=(p_sh, opt_sh, batch, rep), out_shardings=(p_sh, opt_sh, rep, rep))
         self._eval_loss = jax.jit(make_eval_loss(loss_fn), in_shardings=(p_sh, batch), out_shardings=rep)
@@ -233,6 +244,21 @@ class JaxBackend(Backend):
         self._copy_warm = False
         self._logits = jax.jit(lambda params, tokens: net.apply({"params": params}, tokens),
                                in_shardings=(p_sh, rep), out_shardings=rep)
+
+    def _make_loss_fn(self):
+        """The loss of the train step and eval: chunked (trainer.loss_chunk > 0) except under tensor
+        parallelism, where the hidden states are split over the sequence and the logits over the vocabulary."""
+        from models.llama_jax import cross_entropy
+        if self.loss_chunk and self.mesh_sizes["tensor"] == 1:
+            return make_chunked_loss_fn(self.net, self.loss_chunk, self._batch_divisor())
+        if self.loss_chunk:
+            log.info("trainer.loss_chunk=%d: the loss takes the whole logits under tensor parallelism "
+                     "(hal.mesh.tensor=%d splits them and the hidden states)", self.loss_chunk,
+                     self.mesh_sizes["tensor"])
+        apply = self.net.apply
+        if self.mesh_sizes["tensor"] > 1:
+            apply = sequence_parallel(apply, self.mesh, self.mesh_sizes)
+        return make_loss_fn(apply, cross_entropy)
 
     def _batch_divisor(self) -> int:
         return self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]

@@ -99,7 +99,7 @@ class TorchBackend(Backend):
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor", neuron_cfg: dict | None = None,
-                 document_eos: int | None = None):
+                 document_eos: int | None = None, loss_chunk: int = 0):
         super().__init__(model, optim, precision)
         import torch
         import torch.distributed as dist
@@ -136,14 +136,16 @@ class TorchBackend(Backend):
         self._rows = ShardStore(self.mesh_sizes, self.process_index, self._from_rank0,
                                 {key(n): d for n, d in self._tensor_dims.items()
                                  for key in (layout.param_key, layout.mu_key, layout.nu_key)})
-        self.net = self._build_net(remat, compile, compile_backend, document_eos)
+        self.net = self._build_net(remat, compile, compile_backend, document_eos, loss_chunk)
         self.opt = self._build_optimizer(optim)
 
-    def _build_net(self, remat: bool, compile: bool, compile_backend: str, document_eos: int | None):
+    def _build_net(self, remat: bool, compile: bool, compile_backend: str, document_eos: int | None,
+                   loss_chunk: int):
         """The model on this backend's device: tensor-parallel over the mesh's tensor axis, FSDP2-sharded
         over its data x fsdp axes, compiled per block with `compile` (as torchtitan does: one graph reused
         by every block). Document masks go through flex_attention on CUDA (blocks across documents
-        skipped), SDPA with a boolean mask elsewhere."""
+        skipped), SDPA with a boolean mask elsewhere. The loss is chunked (loss_chunk tokens a chunk, inside
+        the root's forward, where FSDP2 has unsharded the output weight) except under tensor parallelism."""
         from models.llama_torch import LlamaForCausalLM
         with self._torch.device("meta"):
             net = LlamaForCausalLM(self.model, document_eos)
@@ -151,6 +153,11 @@ class TorchBackend(Backend):
             self._convert_fp8(net)
         net.activation_checkpointing = remat
         net.flex_attention = self.device.type == "cuda"
+        net.loss_chunk = loss_chunk if self.mesh_sizes["tensor"] == 1 else 0
+        if loss_chunk and not net.loss_chunk:
+            log.info("trainer.loss_chunk=%d: the loss takes the whole logits under tensor parallelism "
+                     "(hal.mesh.tensor=%d splits them and the hidden states; loss_parallel where the vocabulary "
+                     "is split)", loss_chunk, self.mesh_sizes["tensor"])
         self.device_mesh, self.fsdp = None, False
         if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
             self.device_mesh = self._device_mesh()
@@ -584,7 +591,10 @@ class TorchBackend(Backend):
             raise UserError(f"trainer.seq_len ({tokens.shape[1] - 1}) must be a multiple of hal.mesh.tensor ({t}): "
                             f"the sequence is split over the tensor ranks between the blocks")
         with self._autocast():
+            if self.net.loss_chunk:          # the loss inside the root's forward (FSDP2's unsharded weights)
+                return self.net(tokens[:, :-1], tokens[:, 1:])
             logits = self.net(tokens[:, :-1])
+
         return self._cross_entropy(logits, tokens[:, 1:])
 
     def _loss_context(self):

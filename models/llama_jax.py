@@ -225,7 +225,8 @@ class _Layers(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """tokens [B, T] int32 -> logits [B, T, vocab] float32.
+    """tokens [B, T] int32 -> logits [B, T, vocab] float32; `hidden_states` stops before the output layer
+    (for chunked_cross_entropy, with output_weight(params, cfg)).
 
     document_eos: the end-of-document token id of packed windows, or None (one causal sequence per row)."""
     cfg: LlamaConfig
@@ -235,22 +236,57 @@ class LlamaForCausalLM(nn.Module):
     document_eos: int | None = None
     fp8: bool = False        # the decoder blocks' projections in float8; the output layer stays in `dtype`
 
-    @nn.compact
+    def setup(self):
+        self.model = Decoder(self.cfg, self.dtype, self.remat, self.attention, self.document_eos, self.fp8)
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = Linear(self.cfg.vocab_size, self.dtype)
+
+    def hidden_states(self, tokens):
+        """The final norm's output [B, T, hidden] in the compute dtype."""
+        return self.model(tokens)
+
     def __call__(self, tokens):
-        decoder = Decoder(self.cfg, self.dtype, self.remat, self.attention, self.document_eos, self.fp8, name="model")
-        h = decoder(tokens)
+        h = self.hidden_states(tokens)
         if self.cfg.tie_word_embeddings:
-            w = decoder.variables["params"]["embed_tokens"]["weight"]
-            logits = matmul_t(h, w.astype(self.dtype))
+            logits = matmul_t(h, self.model.variables["params"]["embed_tokens"]["weight"].astype(self.dtype))
         else:
-            logits = Linear(self.cfg.vocab_size, self.dtype, name="lm_head")(h)
+            logits = self.lm_head(h)
         return logits.astype(jnp.float32)
+
+
+def output_weight(params, cfg: LlamaConfig):
+    """The output layer's weight [vocab, hidden] in the parameter tree: lm_head, or the tied embedding."""
+    return params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
 
 
 def cross_entropy(logits, targets):
     """Mean next-token cross-entropy in float32. logits [B, T, V], targets [B, T] int."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def chunked_cross_entropy(h, w, targets, positions: int):
+    """cross_entropy of the logits h @ w^T without holding them whole: h [B, T, hidden] (the compute dtype),
+    w [vocab, hidden], targets [B, T] int. The positions are taken `positions` at a time (B x positions
+    tokens a chunk; the last chunk padded with ignored targets); each chunk's logits are computed in h's
+    dtype, upcast to float32 for the logsumexp, and recomputed in the backward (jax.checkpoint), so
+    neither pass holds more than one chunk's logits. The mean is over the B x T real targets."""
+    b, t, hidden = h.shape
+    chunks = -(-t // positions)
+    pad = chunks * positions - t
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+    xs = (h.reshape(b, chunks, positions, hidden).swapaxes(0, 1), targets.reshape(b, chunks, positions).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def chunk_sum(w, x, y):
+        logits = matmul_t(x, w).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, jnp.maximum(y, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(y >= 0, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+
+    w = w.astype(h.dtype)
+    total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_sum(w, *xy), None), jnp.zeros((), jnp.float32), xs)
+    return total / (b * t)
 
 
 # -- decoding with a KV cache: the same Llama as functions of the parameter tree --------------------------------
@@ -299,8 +335,7 @@ def forward_cached(params, cfg: LlamaConfig, tokens, cache: dict, start):
         x = x + matmul_t(nn.silu(matmul_t(h, mlp["gate_proj"]["weight"])) * matmul_t(h, mlp["up_proj"]["weight"]),
                          mlp["down_proj"]["weight"])
     h = _norm(x, m["norm"]["weight"], eps)
-    w = m["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return matmul_t(h, w).astype(jnp.float32), cache
+    return matmul_t(h, output_weight(params, cfg)).astype(jnp.float32), cache
 
 
 def choose_token(logits, key, temperature: float, top_k: int):

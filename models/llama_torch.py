@@ -152,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
         self.flex_attention = False     # document masks through flex_attention (else SDPA with a bool mask)
+        self.loss_chunk = 0             # forward(tokens, targets): tokens per loss chunk, 0 = the whole logits
         self._rope: dict = {}
 
     def rope(self, seq_len: int, device, dtype):
@@ -161,7 +162,8 @@ class LlamaForCausalLM(nn.Module):
             self._rope[key] = (torch.from_numpy(cos).to(device, dtype), torch.from_numpy(sin).to(device, dtype))
         return self._rope[key]
 
-    def forward(self, tokens):
+    def hidden_states(self, tokens):
+        """The final norm's output [B, T, hidden]."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(tokens.shape[1], x.device, x.dtype)
         mask = None
@@ -174,14 +176,74 @@ class LlamaForCausalLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
-        h = self.model.norm(x)
+        return self.model.norm(x)
+
+    def output_weight(self):
+        """The output layer's weight [vocab, hidden]: lm_head's, or the tied embedding's. Inside forward under
+        FSDP2 this is the unsharded parameter, whose gradient FSDP2 reduce-scatters."""
+        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, tokens, targets=None):
+        """Logits float32 [B, T, vocab]; with targets [B, T], the mean next-token cross-entropy instead:
+        chunked_cross_entropy over chunks of about `loss_chunk` tokens, or through the whole logits when
+        loss_chunk is 0."""
+        h = self.hidden_states(tokens)
+        if targets is not None and self.loss_chunk:
+            return chunked_cross_entropy(h, self.output_weight(), targets, max(1, self.loss_chunk // h.shape[0]))
         logits = F.linear(h, self.model.embed_tokens.weight) if self.cfg.tie_word_embeddings else self.lm_head(h)
-        return logits.float()
+        return logits.float() if targets is None else cross_entropy(logits, targets)
 
 
 def cross_entropy(logits, targets):
     """Mean next-token cross-entropy in float32. logits [B, T, V], targets [B, T] long."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def chunked_cross_entropy(h, w, targets, positions: int):
+    """cross_entropy of the logits h @ w^T without holding them whole: h [B, T, hidden], w [vocab, hidden],
+    targets [B, T] long; the positions taken `positions` at a time (B x positions tokens a chunk, the last
+    chunk shorter). The compute dtype is autocast's where it is on, else h's; each chunk's logits are
+    upcast to float32 for the logsumexp. The mean is over the B x T targets."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    with_grads = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    return _ChunkedCrossEntropy.apply(h.to(dtype), w.to(dtype), targets, positions, with_grads)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss and, when a backward will come, its gradients, chunk by chunk in the forward: each chunk's
+    logits become d(sum of losses)/d(logits) = softmax - onehot in place, are multiplied into the gradients
+    of h (one slice each) and w (summed in float32), and are freed. The backward only scales the two."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, positions: int, with_grads: bool):
+        b, t, _ = h.shape
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if with_grads else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grads else None
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, t, positions):
+                x, y = h[:, start:start + positions], targets[:, start:start + positions, None]
+                logits = F.linear(x, w).float()
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                total += (lse - logits.gather(-1, y)).sum()
+                if with_grads:
+                    grad = logits.sub_(lse).exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=logits.dtype))
+                    grad = grad.to(h.dtype)
+                    grad_h[:, start:start + positions] = grad @ w
+                    if w.dtype == torch.float32:
+                        grad_w.addmm_(grad.flatten(0, 1).t(), x.flatten(0, 1))
+                    else:      # the product in the compute dtype, summed over the chunks in float32
+                        grad_w += grad.flatten(0, 1).t() @ x.flatten(0, 1)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype, ctx.count = w.dtype, b * t
+        return total / ctx.count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.count
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None
 
 
 # -- decoding with a KV cache ---------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ _RANGES = {("trainer", "steps"): (0, None), ("trainer", "global_batch"): (1, Non
            ("optim", "b2"): (0.0, 1.0), ("optim", "eps"): (0.0, 1.0), ("optim", "weight_decay"): (0.0, 10.0),
            ("optim", "max_grad_norm"): (1e-12, 1e12), ("data", "mixture_block_steps"): (0, None),
            ("trainer", "sample_every"): (0, None), ("trainer", "sample_tokens"): (1, None),
-           ("trainer", "sample_temperature"): (0.0, 100.0)}
+           ("trainer", "sample_temperature"): (0.0, 100.0), ("trainer", "loss_chunk"): (0, None)}
 _AUTO_OR_BOOL = (("trainer", "async_save"), ("hal", "distributed"))
 
 
@@ -194,7 +194,8 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     data.check_vocab(run.model.vocab_size)
     t = cfg["trainer"]
     masked = {"document_eos": data.eos_id} if cfg["data"]["document_mask"] else {}
-    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat, **masked)
+    backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat, loss_chunk=t["loss_chunk"],
+                           **masked)
     backend.check_batch(run.micro_batch)
     run.rows = _process_rows(run, backend)
     lead = backend.process_index == 0
