@@ -55,7 +55,9 @@ class HalConfig:
     instance_type: Optional[str] = None     # default: $TRICHIP_INSTANCE_TYPE
     distributed: Any = "auto"               # JAX: jax.distributed.initialize(): auto | true | false
     attention: Attention = Attention.auto   # JAX: auto (cuDNN flash attention on GPUs in bf16) | xla | cudnn
-    compile_cache_dir: Optional[str] = None  # JAX: persistent XLA compilation cache
+    # persistent compile caches (JAX's XLA cache; torch inductor's FX graph and AOTAutograd caches) in <dir>/jax
+    # and <dir>/inductor; null = per user under $TRICHIP_CACHE (hal/compile_cache.py); off = none
+    compile_cache_dir: Optional[str] = None
     compile: bool = False                   # torch: torch.compile each transformer block
     compile_backend: str = "inductor"       # torch: inductor | neuron (TorchNeuron)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)

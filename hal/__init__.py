@@ -23,12 +23,12 @@ def make_backend(hal: dict, model, optim: OptimizerSpec, precision: str = "fp32"
         raise UserError(f"trainer.loss_chunk={loss_chunk}: use 0 (the whole logits) or a number of tokens")
     common = dict(platform=hal.get("platform", "auto"), mesh=hal.get("mesh"),
                   mesh_rule=hal.get("mesh_rule", "auto"), instance_type=hal.get("instance_type"),
-                  neuron_cfg=hal.get("neuron"), loss_chunk=loss_chunk)
+                  neuron_cfg=hal.get("neuron"), compile_cache_dir=hal.get("compile_cache_dir"), loss_chunk=loss_chunk)
     if framework == "jax":
         _require("jax", "flax", "optax", hint="pip install 'trichip[jax]'")
         from hal.jax_backend import JaxBackend
         return JaxBackend(model, optim, precision, remat=remat, distributed=hal.get("distributed", "auto"),
-                          compile_cache_dir=hal.get("compile_cache_dir"), attention=hal.get("attention", "auto"),
+                          attention=hal.get("attention", "auto"),
                           document_eos=document_eos, **common)
     if framework == "torch":
         _require("torch", hint="pip install torch (on a CPU machine: pip install torch==2.13.0)")

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from hal import layout, neuron, store
+from hal import compile_cache, layout, neuron, store
 from hal import mesh as meshlib
 from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8, first_line
 from hal.distributed import initialize_jax, launch_env
@@ -41,13 +41,12 @@ def _select_platform(platform: str) -> str:
 
 
 def _configure(jax, precision: str, compile_cache_dir: str | None) -> None:
-    """fp32 means fp32 matmuls (GPUs default to TF32-class ones; parity with torch needs fp32); a compile
-    cache dir keeps compiled programs across restarts (a precompile run fills it)."""
+    """fp32 means fp32 matmuls (GPUs default to TF32-class ones; parity with torch needs fp32); the
+    persistent compile cache (hal.compile_cache_dir, on by default: hal/compile_cache.py) keeps compiled
+    programs across restarts (a precompile run fills it)."""
     if precision == "fp32":
         jax.config.update("jax_default_matmul_precision", "highest")
-    if compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compile_cache.configure_jax(jax, compile_cache_dir)
 
 
 def _attention_impl(asked: str, platform: str, precision: str) -> str:

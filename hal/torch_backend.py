@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from hal import distributed, layout, neuron, store, torch_parallel
+from hal import compile_cache, distributed, layout, neuron, store, torch_parallel
 from hal import mesh as meshlib
 from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8
 from hal.fsdp_store import ShardStore
@@ -99,7 +99,7 @@ class TorchBackend(Backend):
                  platform: str = "auto", remat: bool = False, mesh: dict | None = None,
                  mesh_rule: str = "auto", instance_type: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor", neuron_cfg: dict | None = None,
-                 document_eos: int | None = None, loss_chunk: int = 0):
+                 document_eos: int | None = None, compile_cache_dir: str | None = None, loss_chunk: int = 0):
         super().__init__(model, optim, precision)
         import torch
         import torch.distributed as dist
@@ -136,6 +136,8 @@ class TorchBackend(Backend):
         self._rows = ShardStore(self.mesh_sizes, self.process_index, self._from_rank0,
                                 {key(n): d for n, d in self._tensor_dims.items()
                                  for key in (layout.param_key, layout.mu_key, layout.nu_key)})
+        if compile and compile_backend == "inductor":    # torch.compile's persistent caches (hal/compile_cache.py)
+            compile_cache.configure_torch(compile_cache_dir)
         self.net = self._build_net(remat, compile, compile_backend, document_eos, loss_chunk)
         self.opt = self._build_optimizer(optim)
 

@@ -5,6 +5,8 @@ and exit code 2, before any compute.
 """
 from __future__ import annotations
 
+from trainer import goodput  # noqa: I001  (first: its import time is the clock's origin where /proc is missing)
+
 import logging
 import os
 import sys
@@ -94,6 +96,17 @@ def _quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable, excepthook, thread_excepthook
 
 
+_STARTED = []
+
+
+def _clock() -> goodput.Clock:
+    """The time accounting of a run: the process's first run counts from the process start (interpreter,
+    imports and Hydra are its startup); a sweep's later runs (--multirun) from their own start."""
+    clock = goodput.Clock() if _STARTED else goodput.Clock.from_process_start()
+    _STARTED.append(clock)
+    return clock
+
+
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     from trainer.loop import train
@@ -105,7 +118,8 @@ def main(cfg: DictConfig) -> dict:
         if not isinstance(handler, logging.FileHandler):
             handler.addFilter(lambda record: not record.name.startswith(("absl", "orbax", "jax")))
     try:
-        return train(to_plain(cfg), HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True))
+        return train(to_plain(cfg), HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(cfg, resolve=True),
+                     clock=_clock())
     except UserError as e:   # exit codes: 2 fix the input, 3 checkpoint write failed, 4 non-finite loss
         logging.getLogger("trichip").error("%s", e)
         _fail(str(e), e.exit_code)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hal.profile import check_window, device_memory, is_out_of_memory, make_profiler
+from hal import compile_cache
 from hal import (HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
                  first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
@@ -33,6 +34,7 @@ from configs.schema import validate
 from trainer import checkpoint
 from trainer.checkpointer import REMOTE_CACHE, STAGING, Checkpointer
 from trainer.data import TokenData
+from trainer.goodput import Clock, describe, describe_restart
 from trainer.tokenizer import padded_vocab
 from trainer import tokenizer as tk
 from trainer.loggers import Loggers
@@ -185,10 +187,14 @@ def _redirect_logging(bar):
     return logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
-    """Run (or resume) training; returns a summary. Raises UserError for anything the user must change."""
+def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "", clock: Clock | None = None) -> dict:
+    """Run (or resume) training; returns a summary. Raises UserError for anything the user must change.
+    `clock` accounts the wall time (trainer.goodput); launch.train starts it at the process start, a call
+    from Python without one at the call."""
+    clock = clock or Clock()
     check_config(cfg)
-    data = open_data(cfg)
+    with clock.phase("data_open"):
+        data = open_data(cfg)
     cfg = _with_vocab(cfg, data)
     run = Run(cfg, run_dir)
     data.check_vocab(run.model.vocab_size)
@@ -196,6 +202,7 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
     masked = {"document_eos": data.eos_id} if cfg["data"]["document_mask"] else {}
     backend = make_backend(cfg["hal"], run.model, run.optim, t["precision"], run.remat, loss_chunk=t["loss_chunk"],
                            **masked)
+    clock.ready()
     backend.check_batch(run.micro_batch)
     run.rows = _process_rows(run, backend)
     lead = backend.process_index == 0
@@ -214,12 +221,13 @@ def train(cfg: dict, run_dir: str | os.PathLike, config_yaml: str = "") -> dict:
                             async_save=backend.async_save_default if run.async_save == "auto" else run.async_save,
                             on_save_error=run.on_save_error, config_yaml=config_yaml).acquire()
         try:
-            start_step, source = _start_state(run, backend, ckpt)
+            with clock.phase("restore"):
+                start_step, source = _start_state(run, backend, ckpt)
             if lead:        # only once the run is known to go ahead: a refused run leaves run.json as it was
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(run.run_dir / RUN_MARKER, record)
                 data.save_tokenizer(run.run_dir)
-            return _train(run, data, backend, ckpt, start_step, source)
+            return _train(run, data, backend, ckpt, start_step, source, clock)
         finally:
             ckpt.release()
     finally:
@@ -337,55 +345,65 @@ def _with_vocab(cfg: dict, data: TokenData) -> dict:
     return dict(cfg, model=dict(cfg["model"], vocab_size=vocab))
 
 
-def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: int, source: str) -> dict:
+def _train(run: Run, data: TokenData, backend, ckpt: Checkpointer, start_step: int, source: str,
+           clock: Clock) -> dict:
     info = backend.describe()
-    report = Report(run, backend, info, start_step, data)
+    report = Report(run, backend, info, start_step, data, clock)
     log.info("%s on %s: %d device(s) in %d process(es), mesh %s (%s)", info["framework"], info["platform"],
              info["device_count"], info["process_count"], info.get("mesh", {}), info.get("mesh_source", "-"))
     log.info("%s params, %d steps of %d tokens; start at step %d from %s",
              f"{num_params(run.model):,}", run.steps, run.tokens_per_step, start_step, source)
     if log.isEnabledFor(logging.INFO):     # the lead process: the others log warnings only
-        log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
+        with clock.phase("data_open"):
+            log.info("unigram baseline of the data: %.4f nats/token", data.unigram_entropy())
     meta = {"model": run.model.to_dict(), "writer": info,
             "data": {"path": run.cfg["data"]["path"], "seed": run.seed, "next_step": None,
                      "tokenizer": data.tokenizer}, "rng": {"seed": run.seed}}
     saved_at, preempted = start_step, ""
     with report, StopRequest() as stop, _keep_pending(ckpt):
         for step in range(start_step, run.steps):
-            done, m = _one_step(run, data, backend, report, step)
+            done, m = _one_step(run, data, backend, report, step, clock)
             if (run.checkpoint_every and done % run.checkpoint_every == 0) or done == run.steps:
-                ckpt.save(done, _cursor(meta, done), wait=done == run.steps)
+                with clock.phase("checkpoint"):
+                    ckpt.save(done, _cursor(meta, done), wait=done == run.steps)
                 saved_at = done
             stop_now, written = _agree_step(backend, stop.signum is not None, ckpt.ready())
             if written:
-                ckpt.commit()
+                with clock.phase("checkpoint"):
+                    ckpt.commit()
             if stop_now:
                 if saved_at != done:
-                    ckpt.save(done, _cursor(meta, done), wait=True)
+                    with clock.phase("checkpoint"):
+                        ckpt.save(done, _cursor(meta, done), wait=True)
                 preempted = stop.name or "a signal on another process"
                 log.info("stopped by %s at step %d: checkpoint written; run the same command to resume",
                          preempted, done)
                 break
-        ckpt.close()
-    return _finish(run, backend, ckpt, report, start_step, preempted)
+        with clock.phase("checkpoint"):
+            ckpt.close()
+    return _finish(run, backend, ckpt, report, start_step, preempted, clock)
 
 
 def _cursor(meta: dict, done: int) -> dict:
     return dict(meta, data=dict(meta["data"], next_step=done))
 
 
-def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
+def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int, clock: Clock):
     """Train step `step` (0-based), evaluate when due, report; stop on a non-finite loss when asked to."""
     t0 = time.perf_counter()
-    tokens = data.train_batch(step, run.global_batch, run.rows).reshape(run.accum, -1, run.seq_len + 1)
+    with clock.phase("data_read"):
+        tokens = data.train_batch(step, run.global_batch, run.rows).reshape(run.accum, -1, run.seq_len + 1)
     lr = run.lr(step)
+    t_step = time.perf_counter()
     with report.watch(step + 1):
         m = backend.train_step(tokens, lr)
     dt = time.perf_counter() - t0
+    clock.step(time.perf_counter() - t_step)
     done = step + 1
     extra = _epochs(data.epochs(done, run.global_batch))
     if run.eval_every and (done % run.eval_every == 0 or done == run.steps):
-        extra.update(evaluate(backend, data, run))
+        with clock.phase("eval"):
+            extra.update(evaluate(backend, data, run))
     report.step(done, m, lr, dt, extra)
     if m.skipped:
         if run.on_nonfinite == "stop":
@@ -397,8 +415,10 @@ def _one_step(run: Run, data: TokenData, backend, report: "Report", step: int):
     return done, m
 
 
-def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step: int, preempted: str) -> dict:
-    """The run's summary; run.json records what it wrote, and a run that wrote no checkpoint says so loudly."""
+def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step: int, preempted: str,
+            clock: Clock) -> dict:
+    """The run's summary; run.json records what it wrote, its restart-to-first-step time and goodput (with the
+    persistent compile cache it used), and a run that wrote no checkpoint says so loudly."""
     compilations = backend.compilations()
     if compilations:
         log.info("compilations: %s", compilations)
@@ -407,11 +427,14 @@ def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step:
         log.error("%d checkpoint save(s) failed in this run; the newest checkpoint to resume from is %s",
                   len(ckpt.failures), saved["latest_checkpoint"] if saved["latest_checkpoint"] is not None
                   else "none: this run wrote no checkpoint")
+    goodput, restart = clock.summary(), clock.restart()
+    log.info("%s", describe(goodput))
+    timing = {"restart": restart, "goodput": goodput, "compile_cache_dir": _compile_cache_dir(run.cfg["hal"])}
     if ckpt.lead:
         marker = run.run_dir / RUN_MARKER
-        _write_json(marker, dict(_read_record(marker), last_run=dict(saved, **report.peak_memory())))
+        _write_json(marker, dict(_read_record(marker), last_run=dict(saved, **report.peak_memory(), **timing)))
     return {"run_dir": str(run.run_dir), "start_step": start_step, "last": report.last,
-            "compilations": compilations, "preempted": preempted, **saved}
+            "compilations": compilations, "preempted": preempted, **saved, **timing}
 
 
 class Report:
@@ -420,8 +443,8 @@ class Report:
     from process 0; on every process the profiler's window (trainer.profile), device memory, samples of
     text (trainer.sample_every) and out-of-memory errors that say what to change."""
 
-    def __init__(self, run: Run, backend, info: dict, start_step: int, data: TokenData):
-        self.run, self.lead, self.last, self.backend = run, backend.process_index == 0, {}, backend
+    def __init__(self, run: Run, backend, info: dict, start_step: int, data: TokenData, clock: Clock):
+        self.run, self.lead, self.last, self.backend, self.clock = run, backend.process_index == 0, {}, backend, clock
         t = run.cfg["trainer"]
         self.profiler = make_profiler(backend, run.run_dir / "profile", t["profile"]["steps"], t["profile"]["memory"],
                                       start_step, run.steps)
@@ -437,6 +460,12 @@ class Report:
             self._redirect = _redirect_logging(self.bar)
 
     def __enter__(self) -> "Report":
+        with self.clock.phase("loggers"):
+            self._open()
+        self._redirect.__enter__()
+        return self
+
+    def _open(self) -> None:
         if self.lead:
             try:
                 self.file = open(self.path, "a")
@@ -446,8 +475,6 @@ class Report:
             run_id = _read_record(self.run.run_dir / RUN_MARKER)["run_id"]
             self.loggers = Loggers(t["loggers"], self.run.run_dir, run_id, t["experiment"], t["tensorboard"])
             self.loggers.config(self.run.cfg)
-        self._redirect.__enter__()
-        return self
 
     def __exit__(self, *exc) -> None:
         self._redirect.__exit__(*exc)
@@ -456,7 +483,8 @@ class Report:
         if self.bar:
             self.bar.close()
         if self.loggers:
-            self.loggers.close()
+            with self.clock.phase("loggers"):
+                self.loggers.close()
         if self.file:
             try:
                 self.file.close()
@@ -465,7 +493,9 @@ class Report:
                     raise StorageError(f"cannot write {self.path}: {e.strerror}") from None
 
     def step(self, done: int, m, lr: float, dt: float, extra: dict) -> None:
-        """One metrics line: the step's numbers plus `extra` (epochs; eval_loss, eval_bpb when evaluated)."""
+        """One metrics line: the step's numbers plus `extra` (epochs; eval_loss, eval_bpb when evaluated); the
+        launch's first step adds its restart-to-first-step time (`restart_to_first_step_s`, `restart/<part>_s`),
+        and every log_every steps the goodput so far (`goodput`, `badput/<kind>`, `wall_s`)."""
         last = {"step": done, "loss": m.loss, "lr": lr, "grad_norm": m.grad_norm,
                 "tokens_per_s": self.run.tokens_per_step / dt, "step_time_s": dt}
         if self.peak:
@@ -474,19 +504,29 @@ class Report:
             last["skipped"] = True
         if self.profiler and self.profiler.covers(done):
             last["profiled"] = True         # slower than the others
-            self.profiler.stop(after_step=done)
+            with self.clock.phase("profile"):
+                self.profiler.stop(after_step=done)
         last.update(device_memory(self.backend))
         last.update(extra)
+        if len(self.clock.step_times) == 1:
+            last.update(_restart_metrics(self.clock.restart()))
+            log.info("%s", describe_restart(self.clock.restart()))
+        if done % self.run.log_every == 0 or done == self.run.steps:
+            last.update(self.clock.metrics())
         self.last = last
-        sample = self.sample(self.backend, done) if self.sample and self.sample.due(done) else None
+        sample = None
+        if self.sample and self.sample.due(done):
+            with self.clock.phase("sample"):
+                sample = self.sample(self.backend, done)
         if not self.lead:
             return
         try:
-            self.file.write(json.dumps({k: _json_number(v) for k, v in last.items()}) + "\n")
-            self.file.flush()
-            self.loggers.add(done, last)
-            if sample is not None:
-                self.loggers.text(done, "sample", sample)
+            with self.clock.phase("loggers"):
+                self.file.write(json.dumps({k: _json_number(v) for k, v in last.items()}) + "\n")
+                self.file.flush()
+                self.loggers.add(done, last)
+                if sample is not None:
+                    self.loggers.text(done, "sample", sample)
         except OSError as e:
             raise StorageError(f"cannot write the metrics of step {done} to {self.run.run_dir}: "
                                f"{e.strerror or first_line(e)}") from None
@@ -529,6 +569,23 @@ class Report:
             extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
             self.bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
             self.bar.update(1)
+
+
+def _compile_cache_dir(hal: dict) -> str | None:
+    """The persistent compile cache this run used (hal.compile_cache_dir): JAX's always, torch's with
+    torch.compile through inductor; None when off or unused."""
+    framework = hal["framework"]
+    if framework == "torch" and not (hal.get("compile") and hal.get("compile_backend") == "inductor"):
+        return None
+    path = compile_cache.directory(hal.get("compile_cache_dir"), framework)
+    return path and str(path)
+
+
+def _restart_metrics(restart: dict) -> dict:
+    """The restart record as metrics keys: restart_to_first_step_s, restart/<part>_s (compile is not known yet)."""
+    return {"restart_to_first_step_s": restart["restart_to_first_step_s"],
+            **{f"restart/{k}": v for k, v in restart.items()
+               if k.endswith("_s") and k not in ("restart_to_first_step_s", "compile_s")}}
 
 
 def _text_sample(t: dict, run: Run, data: TokenData) -> TextSample | None:

@@ -88,9 +88,12 @@ class Scalars:
 
 
 def _tag(key: str) -> str:
-    """metrics.jsonl key -> TensorBoard tag: eval_loss/web -> eval/loss/web, epoch -> train/epoch."""
+    """metrics.jsonl key -> TensorBoard tag: eval_loss/web -> eval/loss/web, epoch -> train/epoch; the run's
+    time accounting as written (goodput, badput/<kind>, restart_to_first_step_s, restart/<part>_s)."""
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_"):]
+    if key in ("goodput", "restart_to_first_step_s") or key.startswith(("badput/", "restart/")):
+        return key
     return f"train/{key}"
 
 
