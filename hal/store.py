@@ -7,7 +7,11 @@ Sharded jax.Arrays are written by the processes that hold them (nothing is gathe
 straight into a target sharding (resharding on load). Each tensor gets a 64-bit digest that is a sum
 over elements of a hash of (global position, bits): every process digests the shards it owns, the
 sums add up, and the result is the same for any sharding — so a checkpoint written on 8 devices is
-verified on 2 processes.
+verified on 2 processes. Digests run on the host CPU, beside the write or the read.
+
+A checkpoint one process wrote (a zarr array per tensor) is read back by tensorstore directly, the way orbax
+reads it but without orbax's per-tensor bookkeeping (read_and_summarize); OCDBT checkpoints and reads of
+sharded arrays by several processes go through orbax.
 """
 from __future__ import annotations
 
@@ -332,9 +336,30 @@ def _on_host(tensors: dict) -> dict:
     Arrays over several devices keep orbax's writer (a host array would gather them)."""
     import jax
     arrays = {k: v for k, v in tensors.items() if isinstance(v, jax.Array) and len(v.devices()) == 1}
-    for v in arrays.values():
-        v.copy_to_host_async()
-    return {k: np.asarray(arrays[k]) if k in arrays else v for k, v in tensors.items()}
+    host = {}
+    for window in _windows(list(arrays.values()), _TRANSFER_WINDOW):
+        for v in window:
+            v.copy_to_host_async()
+        host.update((id(v), np.asarray(v)) for v in window)
+    return {k: host[id(arrays[k])] if k in arrays else v for k, v in tensors.items()}
+
+
+# Bytes of device-to-host transfers a save keeps in flight at once. An accelerator has one transfer queue
+# to the host: the training step's own small reads (its loss) wait behind whatever is queued there, so a
+# save that queued the whole state at once held the steps beside it for as long as the transfer took.
+_TRANSFER_WINDOW = 256 * 2 ** 20
+
+
+def _windows(arrays: list, limit: int) -> list[list]:
+    """`arrays` in consecutive groups of at most `limit` bytes (one array alone where it is larger)."""
+    groups, size = [[]], 0
+    for v in arrays:
+        if groups[-1] and size + v.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(v)
+        size += v.nbytes
+    return [g for g in groups if g]
 
 
 @functools.cache

@@ -139,6 +139,7 @@ class PendingSave:
         goes on: the checkpoint exists on the store once `finish_upload()` (collective) has returned."""
         if self._thread is not None:
             self._thread.join()
+        self.held = None          # the state's copies are written: free them before the next save makes its own
         backend, self._upload = self.backend, None
         try:
             _agree(backend, self.error, f"the write of checkpoint {self.step}")

@@ -14,7 +14,7 @@ from trainer.data import TokenData
 
 TIMES = ("save", "raw_save", "raw_save_sync", "load", "raw_load", "get_state", "digest", "write", "write_ocdbt",
          "write_default", "raw_sync_again", "read", "async_block", "async_copy", "step_alone", "step_beside",
-         "async_total", "write_after_unlink")
+         "async_total", "async_commit", "write_after_unlink")
 
 
 def settle(path=None) -> None:
@@ -131,6 +131,9 @@ def async_save(fw: str, d: Path, backend, meta: dict, batch, times: dict) -> Non
     times["step_beside"].append(now() - t)
     pending.finish()
     times["async_total"].append(now() - t0)
+    t0 = now()              # the same save with nothing beside it: from the call to its commit
+    checkpoint.PendingSave(d / "async-alone", 1, backend, meta, background=True).finish()
+    times["async_commit"].append(now() - t0)
 
 
 def measure(fw: str, size: str, opts, data: TokenData, tmp: Path, kept: list) -> tuple[dict, int, bool]:
@@ -183,7 +186,9 @@ def ckpt_section(report: Report, opts, step_results: dict, tmp: Path) -> dict:
             rows_async.append([fw, size, f3(m["save"]), f3(m["async_block"]),
                                f3(copy_s) if copy_s else "(in the call)", f3(m["step_alone"]),
                                pct(block / m["step_alone"]), "yes" if block < 0.05 * m["step_alone"] else "**no**",
-                               f3(m["step_beside"]), f2(m["step_beside"] / m["step_alone"]), f3(m["async_total"])])
+                               f3(m["step_beside"]), f2(m["step_beside"] / m["step_alone"]), f3(m["async_total"]),
+                               f3(m["async_commit"]), f3(m["raw_save_sync"]), f2(m["async_commit"] / m["raw_save_sync"]),
+                               "yes" if m["async_commit"] <= 1.5 * m["raw_save_sync"] else "**no**"])
             rows_layout.append([fw, size, f3(m["raw_sync_again"]), f3(m["write"]), f2(m["raw_sync_again"] / m["write"]),
                                 f3(m["write_ocdbt"]), f2(m["raw_sync_again"] / m["write_ocdbt"]),
                                 f3(m["write_default"]), f2(m["raw_sync_again"] / m["write_default"]),
@@ -214,13 +219,16 @@ def tables(report: Report, rows: list, rows_async: list, rows_split: list, rows_
     report.table(
         "4c. Async save (trainer.async_save=true, the default): what blocks the loop",
         ["framework", "model", "blocking save s", "async: call s", "async: device copy s", "step alone s",
-         "blocks (share of a step)", "< 5%", "step beside the write s", "beside / alone", "async save to commit s"],
+         "blocks (share of a step)", "< 5%", "step beside the write s", "beside / alone", "async save to commit s",
+         "commit, nothing beside s", "raw + fsync s", "commit / raw", "<= 1.5"],
         rows_async,
-        "call: trainer.checkpoint.PendingSave(background=True), i.e. the state copy (torch: clone of its tensors; "
+        "call: trainer.checkpoint.PendingSave(background=True), i.e. the state copy (torch: into host buffers every save reuses; "
         "JAX: a jitted copy, dispatched; 'device copy' is how long it then still ran, counted as blocking). The "
         "write, digests and commit then run in a thread while the next step runs: on these 2 "
         "cores they compete with it for CPU (beside / alone); on an accelerator the step runs on the device. "
-        "Commit: PendingSave.finish() after that step (manifest, rename), from the call.")
+        "Commit: PendingSave.finish() after that step (manifest, rename), from the call. 'Commit, nothing beside': "
+        "the same async save with finish() called right away, from the call to the commit, against the durable "
+        "raw write of the same bytes (safetensors + fsync, table 4a's; goal <= 1.5x).")
     report.table(
         "4b. Where a save and a restore spend their time (s, each part run alone)",
         ["framework", "model", "save", "get_state (device->host)", "digests (hal.store.digests)",
