@@ -161,3 +161,30 @@ def test_a_negative_loss_chunk_is_refused():
     from hal import UserError
     with pytest.raises(UserError, match="trainer.loss_chunk"):
         make_backend({"framework": "jax"}, CFG, OptimizerSpec(), loss_chunk=-1)
+
+
+# -- FSDP2 over 2 gloo processes: the output weight a sharded DTensor, unsharded inside the root's forward ------------
+
+@pytest.mark.slow
+def test_fsdp2_chunked_equals_single_process_plain(tmp_path):
+    """Tied embeddings (the embedding's gradient comes from the lookup and the chunked head together); 40 tokens a
+    chunk are 10 positions of each process's 4 rows, which do not divide the 64 positions."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, metrics, train
+    common = ["hal=torch", "model=tiny", "model.tie_word_embeddings=true", "trainer.steps=4", "trainer.global_batch=8",
+              "trainer.seq_len=64", "trainer.log_every=1", "trainer.eval_every=4", "trainer.checkpoint_every=0",
+              "optim.lr=1e-3", "optim.warmup_steps=1"]
+    train(tmp_path / "plain", *common, "trainer.loss_chunk=0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "launch.train", *common, "trainer.loss_chunk=40", f"run_dir={tmp_path / 'fsdp'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    manifest = json.loads((tmp_path / "fsdp" / "checkpoints" / "4" / "manifest.json").read_text())
+    assert manifest["writer"]["process_count"] == 2 and manifest["writer"]["mesh"]["fsdp"] == 2
+    plain, fsdp = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")
+    for key in ("loss", "grad_norm", "eval_loss"):
+        a, b = ([m[key] for m in ms if key in m] for ms in (fsdp, plain))
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=LOSS_RTOL), (key, a, b)
