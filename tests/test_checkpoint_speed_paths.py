@@ -212,3 +212,24 @@ def test_an_ocdbt_checkpoint_is_read_through_orbax(tmp_path):
     read, found = store.read_and_summarize(str(tmp_path / "s"), list(t))
     assert all(np.array_equal(read[k], v) for k, v in t.items())
     assert {k: f["digest"] for k, f in found.items()} == {k: store.digest_reference(v) for k, v in t.items()}
+
+
+# -- device-to-host transfers of a save, a window at a time ------------------------------------------------
+def test_windows_keep_order_and_bound_the_bytes_in_flight():
+    arrays = [np.zeros(n, np.uint8) for n in (10, 300, 5, 5, 2000, 1)]
+    groups = store._windows(arrays, 300)
+    assert [[a.nbytes for a in g] for g in groups] == [[10], [300], [5, 5], [2000], [1]]
+    assert [id(a) for g in groups for a in g] == [id(a) for a in arrays]
+
+
+def test_on_host_hands_back_every_array_as_its_host_copy(monkeypatch):
+    import jax
+    monkeypatch.setattr(store, "_TRANSFER_WINDOW", 64)          # several windows for a few small arrays
+    rng = np.random.default_rng(6)
+    values = {f"t{i}": rng.standard_normal((i + 1, 5)).astype(np.float32) for i in range(6)}
+    tensors = {k: jax.device_put(v) for k, v in values.items()}
+    tensors["host"] = np.arange(3)
+    host = store._on_host(tensors)
+    assert list(host) == list(tensors)
+    assert all(isinstance(v, np.ndarray) and np.array_equal(v, values[k]) for k, v in host.items() if k != "host")
+    assert host["host"] is tensors["host"]
