@@ -528,8 +528,11 @@ class TorchBackend(Backend):
                     copied.record(side)
                 self._snapshot_copied = copied
             else:
-                for n, (_, v) in local.items():
-                    buffers[n].copy_(v)
+                for n, (_, v) in local.items():      # float32 by NumPy's memcpy (see _copy_param)
+                    if v.dtype == torch.float32:
+                        np.copyto(buffers[n].numpy(), v.numpy())
+                    else:
+                        buffers[n].copy_(v)
 
         def to_host():
             if copied is not None:
