@@ -230,13 +230,15 @@ def test_out_of_memory_message_says_what_to_change():
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_an_oversized_micro_batch_ends_the_run_with_the_out_of_memory_line(tmp_path, framework):
-    """Logits of 64 x 1024 tokens over a 262,144-token vocabulary need one 64 GiB buffer: under a 48 GiB
-    address-space limit the allocation fails at once (nothing is touched), and the run ends with one line."""
+    """The whole logits (trainer.loss_chunk=0) of 64 x 1024 tokens over a 262,144-token vocabulary need one
+    64 GiB buffer: under a 48 GiB address-space limit the allocation fails at once (nothing is touched), and
+    the run ends with one line."""
     limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (48 << 30, 48 << 30)); "
                "os.execv(sys.executable, [sys.executable, '-m', 'launch.train', *sys.argv[1:]])")
     r = subprocess.run([sys.executable, "-c", limited, f"hal={framework}", "trainer.steps=2",
                         "trainer.seq_len=1024", "trainer.global_batch=128", "trainer.micro_batch=64",
-                        "model.vocab_size=262144", "trainer.eval_every=0", "trainer.tensorboard=false",
+                        "model.vocab_size=262144", "trainer.loss_chunk=0", "trainer.eval_every=0",
+                        "trainer.tensorboard=false",
                         f"run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
