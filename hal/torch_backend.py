@@ -623,7 +623,6 @@ class TorchBackend(Backend):
             if self.net.loss_chunk:          # the loss inside the root's forward (FSDP2's unsharded weights)
                 return self.net(tokens[:, :-1], tokens[:, 1:])
             logits = self.net(tokens[:, :-1])
-
         return self._cross_entropy(logits, tokens[:, 1:])
 
     def _loss_context(self):
