@@ -131,6 +131,7 @@ def async_save(fw: str, d: Path, backend, meta: dict, batch, times: dict) -> Non
     times["step_beside"].append(now() - t)
     pending.finish()
     times["async_total"].append(now() - t0)
+    settle()                # from a synced disk, as the raw writes it is read against start
     t0 = now()              # the same save with nothing beside it: from the call to its commit
     checkpoint.PendingSave(d / "async-alone", 1, backend, meta, background=True).finish()
     times["async_commit"].append(now() - t0)
