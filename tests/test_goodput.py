@@ -58,6 +58,8 @@ def test_clock_splits_the_wall_time_into_productive_and_lost():
     assert s["productive_s"] == 11.0 - 4.0 and s["goodput"] == pytest.approx(7.0 / s["wall_s"])
     assert s["badput_s"] == {**dict.fromkeys(KINDS, 0.0), "startup": 2.25, "data_open": 0.5, "restore": 2.0,
                              "compile": 4.0, "checkpoint": 2.5, "other": 0.75}
+    # after warm-up: steps 2-5 (6 s) over the wall time from step 1's end to step 5's (6 s + 4 x 0.5 s)
+    assert s["goodput_after_warmup"] == pytest.approx(6.0 / 8.0)
     assert sum(s["badput"].values()) + s["goodput"] == pytest.approx(1.0)
     m = clock.metrics()
     assert m["goodput"] == s["goodput"] and m["badput/checkpoint"] == 2.5 / s["wall_s"]
@@ -162,6 +164,7 @@ def _check_run(run_dir: Path, start: int, end: int) -> dict:
     assert sum(r[k] for k in RESTART_PARTS) == pytest.approx(r["restart_to_first_step_s"], abs=1e-6)
     assert r["compile_s"] <= r["first_step_s"] and r["restart_to_first_step_s"] <= g["wall_s"]
     assert 0 < g["goodput"] <= 1 and set(g["badput_s"]) == set(KINDS)
+    assert g["goodput"] < g["goodput_after_warmup"] <= 1     # startup, restore and compile are left out
     assert all(v >= 0 for v in g["badput_s"].values())
     assert g["productive_s"] + sum(g["badput_s"].values()) == pytest.approx(g["wall_s"], abs=1e-6)
     assert g["goodput"] + sum(g["badput"].values()) == pytest.approx(1.0, abs=1e-6)

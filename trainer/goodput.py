@@ -18,6 +18,10 @@ step time and lost time (badput) of these kinds:
     loggers     opening metrics.jsonl, TensorBoard and the trackers, and writing each metrics line to them
     other       the rest: log lines, locks, run records, agreement between processes
 
+After warm-up: the steps after a launch's first one against the wall time from the end of that first step to
+the end of the latest one, so startup, restore, compile and whatever follows the last step (the final
+checkpoint) are left out, and the stalls between steps (checkpoints, evaluation, data) are not.
+
 Restart to first step: the time from the origin to the end of the launch's first train step (fresh or
 resumed), in parts: startup, data_open (the opening and the first batch), restore, loggers, first_step (its
 compile within it, once steady steps say how much that was) and other.
@@ -72,6 +76,7 @@ class Clock:
         self.origin_source = origin_source
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.step_times: list[float] = []       # this launch's train steps, in order
+        self.step_ends: list[float] = []        # when each ended (elapsed seconds)
         self.ready_at: float | None = None
         self.first: dict | None = None          # the restart record's parts, taken at the first step
         self._depth = 0
@@ -106,6 +111,7 @@ class Clock:
     def step(self, seconds: float) -> None:
         """A train step of `seconds` ended now."""
         self.step_times.append(seconds)
+        self.step_ends.append(self.elapsed())
         if self.first is None:
             self.ready(ago=seconds)          # at the latest when this step began
             at = self.elapsed()
@@ -130,9 +136,18 @@ class Clock:
             return None
         return {**self.first, "compile_s": self.compile_seconds(), "origin": self.origin_source}
 
+    def after_warmup(self) -> float | None:
+        """The steps after the first against the wall time from the first step's end to the latest one's;
+        None before a second step."""
+        if len(self.step_ends) < 2:
+            return None
+        window = self.step_ends[-1] - self.step_ends[0]
+        return sum(self.step_times[1:]) / window if window > 0 else None
+
     def summary(self) -> dict:
         """Goodput so far: wall_s, productive_s, goodput (productive / wall), badput_s and badput ({kind:
-        seconds} and {kind: fraction of wall}, summing with productive time to the wall time)."""
+        seconds} and {kind: fraction of wall}, summing with productive time to the wall time), and
+        goodput_after_warmup (see after_warmup)."""
         wall = self.elapsed()
         compile_s = self.compile_seconds() or 0.0
         productive = sum(self.step_times) - compile_s
@@ -143,12 +158,16 @@ class Clock:
         badput_s = {k: lost[k] for k in KINDS}
         share = (lambda s: s / wall) if wall > 0 else (lambda s: 0.0)
         return {"wall_s": wall, "productive_s": productive, "goodput": share(productive), "badput_s": badput_s,
-                "badput": {k: share(v) for k, v in badput_s.items()}, "origin": self.origin_source}
+                "badput": {k: share(v) for k, v in badput_s.items()}, "goodput_after_warmup": self.after_warmup(),
+                "origin": self.origin_source}
 
     def metrics(self) -> dict:
-        """The summary as metrics-line keys: goodput, badput/<kind> (fractions of the wall time) and wall_s."""
+        """The summary as metrics-line keys: goodput, goodput_after_warmup (from the second step on),
+        badput/<kind> (fractions of the wall time) and wall_s."""
         s = self.summary()
-        return {"goodput": s["goodput"], **{f"badput/{k}": v for k, v in s["badput"].items()}, "wall_s": s["wall_s"]}
+        steady = {} if s["goodput_after_warmup"] is None else {"goodput_after_warmup": s["goodput_after_warmup"]}
+        return {"goodput": s["goodput"], **steady, **{f"badput/{k}": v for k, v in s["badput"].items()},
+                "wall_s": s["wall_s"]}
 
 
 def describe(summary: dict) -> str:
@@ -156,7 +175,9 @@ def describe(summary: dict) -> str:
     wall = summary["wall_s"]
     lost = sorted(((v, k) for k, v in summary["badput_s"].items() if v >= 0.0005 * max(wall, 1e-9)), reverse=True)
     parts = ", ".join(f"{k} {v:.1f}s ({100 * summary['badput'][k]:.1f}%)" for v, k in lost)
+    steady = summary.get("goodput_after_warmup")
     return (f"goodput {100 * summary['goodput']:.1f}% of {wall:.1f}s since the {summary['origin']}"
+            + (f" ({100 * steady:.1f}% after warm-up)" if steady is not None else "")
             + (f"; lost to {parts}" if parts else ""))
 
 
