@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from configs.schema import TrainerConfig  # noqa: E402
+
 VARIANTS = ("default", "memory", "fsdp")
+DEFAULT_LOSS_CHUNK = TrainerConfig.loss_chunk    # the trainer's default: the step as a run compiles it
 
 
 def constrain_layer_boundaries(mesh) -> None:
@@ -57,13 +60,25 @@ def constrain_layer_boundaries(mesh) -> None:
     llama.DecoderLayer.__call__ = constrained
 
 
-def measure_child(model: str, micro: int, seq: int, precision: str, remat: bool, variant: str) -> dict:
+def model_config(model: str):
+    """models.spec.SIZES[name], or NAME@LAYERS: that model with LAYERS decoder layers (a large vocabulary at a
+    size the CPU compiles and runs quickly)."""
+    import dataclasses
+    from models.spec import SIZES
+    name, _, layers = model.partition("@")
+    cfg = SIZES[name]
+    return dataclasses.replace(cfg, num_hidden_layers=int(layers)) if layers else cfg
+
+
+def measure_child(model: str, micro: int, seq: int, precision: str, remat: bool, variant: str,
+                  loss_chunk: int) -> dict:
     import jax
     import numpy as np
     from hal import OptimizerSpec, make_backend
-    from models.spec import SIZES, nest, param_shapes
-    cfg = SIZES[model]
-    b = make_backend({"framework": "jax", "platform": "cpu"}, cfg, OptimizerSpec(), precision, remat)
+    from models.spec import nest, param_shapes
+    cfg = model_config(model)
+    b = make_backend({"framework": "jax", "platform": "cpu"}, cfg, OptimizerSpec(), precision, remat,
+                     loss_chunk=loss_chunk)
     if variant == "fsdp":   # the layers are traced at lower(), after the backend built its mesh
         constrain_layer_boundaries(b.mesh)
     params = nest({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in param_shapes(cfg).items()})
@@ -75,7 +90,7 @@ def measure_child(model: str, micro: int, seq: int, precision: str, remat: bool,
     return {"mesh": b.mesh_sizes, "measured": peak, **fields}
 
 
-def measure_torch_child(model: str, micro: int, seq: int, precision: str, remat: bool) -> dict:
+def measure_torch_child(model: str, micro: int, seq: int, precision: str, remat: bool, loss_chunk: int) -> dict:
     """Peak tensor bytes of this process over one TorchBackend.train_step (the second: AdamW creates its
     moments in the first), from torch's MemTracker (FSDPMemTracker under FSDP2): every tensor storage
     alive, by kind (parameters, gradients, optimizer state, activations, temporaries)."""
@@ -84,9 +99,10 @@ def measure_torch_child(model: str, micro: int, seq: int, precision: str, remat:
     from torch.distributed._tools.mem_tracker import MemTracker
     from hal import OptimizerSpec, make_backend
     from hal.base import HostState
-    from models.spec import SIZES, reference_init
-    cfg = SIZES[model]
-    b = make_backend({"framework": "torch", "platform": "cpu"}, cfg, OptimizerSpec(), precision, remat)
+    from models.spec import reference_init
+    cfg = model_config(model)
+    b = make_backend({"framework": "torch", "platform": "cpu"}, cfg, OptimizerSpec(), precision, remat,
+                     loss_chunk=loss_chunk)
     b.check_batch(micro)
     b.set_state(HostState.fresh(reference_init(cfg, 0)))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, micro, seq + 1), dtype=np.int32)
@@ -103,23 +119,23 @@ def measure_torch_child(model: str, micro: int, seq: int, precision: str, remat:
             "by_kind": {str(k): v for k, v in peak.items() if k != "Total" and v}}
 
 
-def measure_torch(model: str, n: int, case: str) -> dict | str:
+def measure_torch(model: str, n: int, case: str, loss_chunk: int = DEFAULT_LOSS_CHUNK) -> dict | str:
     """The torch step on n gloo processes (torchrun on this host); rank 0's peak (every rank holds the same
     shapes)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
-           "--torch-child", model, *case.split(",")]
+           "--torch-child", model, *case.split(","), str(loss_chunk)]
     env = dict(os.environ, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else f"failed: {r.stderr.strip().splitlines()[-1:]}"
 
 
-def measure(model: str, n: int, case: str, variant: str) -> dict | str:
+def measure(model: str, n: int, case: str, variant: str, loss_chunk: int = DEFAULT_LOSS_CHUNK) -> dict | str:
     flags = [f"--xla_force_host_platform_device_count={n}"]
     if variant != "default":
         flags.append("--xla_cpu_enable_concurrency_optimized_scheduler=false")
     env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, __file__, "--child", model, *case.split(","), variant],
+    r = subprocess.run([sys.executable, __file__, "--child", model, *case.split(","), variant, str(loss_chunk)],
                        env=env, capture_output=True, text=True, cwd=ROOT)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else f"failed: {r.stderr.strip().splitlines()[-1:]}"
@@ -127,10 +143,9 @@ def measure(model: str, n: int, case: str, variant: str) -> dict | str:
 
 def table(results: list[dict]) -> None:
     from launch.planner import memory
-    from models.spec import SIZES
-    print("| model | devices | mesh d/f/t | micro-batch | seq | precision | remat | predicted MB | "
+    print("| model | devices | mesh d/f/t | micro-batch | seq | precision | remat | loss_chunk | predicted MB | "
           "measured MB: default / memory / fsdp | predicted / measured (modelled column) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         micro, seq, precision, remat = r["case"].split(",")
         got = {v: r[v] for v in VARIANTS if isinstance(r.get(v), dict)}
@@ -138,23 +153,23 @@ def table(results: list[dict]) -> None:
             print(f"| {r['model']} | {r['devices']} | {r.get('default')} |")
             continue
         mesh = next(iter(got.values()))["mesh"]
-        pred = sum(memory(SIZES[r["model"]], mesh, "jax", int(micro), int(seq), precision, remat == "1",
-                          "materialized", platform="cpu").values())
+        chunk = r.get("loss_chunk", 0)     # measurements saved before the chunked loss took the whole logits
+        pred = sum(memory(model_config(r["model"]), mesh, "jax", int(micro), int(seq), precision, remat == "1",
+                          "materialized", platform="cpu", loss_chunk=chunk).values())
         checked = "fsdp" if r["devices"] > 1 else "memory"
         cols = " / ".join(f"{got[v]['measured'] / 1e6:,.1f}" if v in got else "-" for v in VARIANTS)
         ratio = f"{pred / got[checked]['measured']:.3f}" if checked in got else "-"
         note = " (no check: remat)" if remat == "1" else ""
         print(f"| {r['model']} | {r['devices']} | {mesh['data']}/{mesh['fsdp']}/{mesh['tensor']} | {micro} | {seq} | "
-              f"{precision} | {'on' if remat == '1' else 'off'} | {pred / 1e6:,.1f} | {cols} | {ratio}{note} |",
+              f"{precision} | {'on' if remat == '1' else 'off'} | {chunk} | {pred / 1e6:,.1f} | {cols} | {ratio}{note} |",
               flush=True)
 
 
 def torch_table(results: list[dict]) -> None:
     from launch.planner import memory
-    from models.spec import SIZES
-    print("| model | processes | mesh d/f/t | micro-batch | seq | precision | predicted MB | measured MB | "
+    print("| model | processes | mesh d/f/t | micro-batch | seq | precision | loss_chunk | predicted MB | measured MB | "
           "measured by kind (MB) | predicted / measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         micro, seq, precision, remat = r["case"].split(",")
         got = r["torch"]
@@ -163,11 +178,12 @@ def torch_table(results: list[dict]) -> None:
             continue
         mesh = got["mesh"]
         # torch's scaled_dot_product_attention runs a fused flash kernel on the CPU (no mask): no scores kept
-        pred = sum(memory(SIZES[r["model"]], mesh, "torch", int(micro), int(seq), precision, remat == "1",
-                          "flash", platform="cpu").values())
+        chunk = r.get("loss_chunk", 0)
+        pred = sum(memory(model_config(r["model"]), mesh, "torch", int(micro), int(seq), precision, remat == "1",
+                          "flash", platform="cpu", loss_chunk=chunk).values())
         kinds = ", ".join(f"{k.split('.')[-1].lower()} {v / 1e6:,.1f}" for k, v in got["by_kind"].items())
         print(f"| {r['model']} | {r['devices']} | {mesh['data']}/{mesh['fsdp']}/{mesh['tensor']} | {micro} | {seq} | "
-              f"{precision} | {pred / 1e6:,.1f} | {got['measured'] / 1e6:,.1f} | {kinds} | "
+              f"{precision} | {chunk} | {pred / 1e6:,.1f} | {got['measured'] / 1e6:,.1f} | {kinds} | "
               f"{pred / got['measured']:.3f} |", flush=True)
 
 
@@ -180,18 +196,21 @@ def main() -> None:
     ap.add_argument("--save", help="write the measurements here (JSON)")
     ap.add_argument("--load", help="print the table for measurements saved with --save")
     ap.add_argument("--framework", default="jax", choices=("jax", "torch"))
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
-    ap.add_argument("--torch-child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--loss-chunk", type=int, default=DEFAULT_LOSS_CHUNK,
+                    help="trainer.loss_chunk of the measured step (0: the loss through the whole logits)")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_child:
-        model, micro, seq, precision, remat = a.torch_child
-        got = measure_torch_child(model, int(micro), int(seq), precision, remat == "1")
+        model, micro, seq, precision, remat, loss_chunk = a.torch_child
+        got = measure_torch_child(model, int(micro), int(seq), precision, remat == "1", int(loss_chunk))
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(got), flush=True)
         return
     if a.child:
-        model, micro, seq, precision, remat, variant = a.child
-        print("RESULT " + json.dumps(measure_child(model, int(micro), int(seq), precision, remat == "1", variant)))
+        model, micro, seq, precision, remat, variant, loss_chunk = a.child
+        print("RESULT " + json.dumps(measure_child(model, int(micro), int(seq), precision, remat == "1", variant,
+                                                   int(loss_chunk))))
         return
     if a.load:
         results = json.loads(Path(a.load).read_text())
@@ -201,18 +220,18 @@ def main() -> None:
     if a.framework == "torch":
         for case in a.cases.split():
             for n in map(int, a.devices.split(",")):
-                results.append({"model": a.model, "devices": n, "case": case,
-                                "torch": measure_torch(a.model, n, case)})
+                results.append({"model": a.model, "devices": n, "case": case, "loss_chunk": a.loss_chunk,
+                                "torch": measure_torch(a.model, n, case, a.loss_chunk)})
                 if a.save:
                     Path(a.save).write_text(json.dumps(results, indent=1))
         torch_table(results)
         return
     for case in a.cases.split():
         for n in map(int, a.devices.split(",")):
-            row = {"model": a.model, "devices": n, "case": case}
+            row = {"model": a.model, "devices": n, "case": case, "loss_chunk": a.loss_chunk}
             for variant in VARIANTS:
                 if variant != "fsdp" or n > 1:
-                    row[variant] = measure(a.model, n, case, variant)
+                    row[variant] = measure(a.model, n, case, variant, a.loss_chunk)
             results.append(row)
             if a.save:
                 Path(a.save).write_text(json.dumps(results, indent=1))

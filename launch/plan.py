@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from configs.schema import ModelConfig, Precision, explain, to_plain
+from configs.schema import ModelConfig, Precision, TrainerConfig, explain, to_plain
 from models.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -43,8 +43,9 @@ class PlanSection:
     seq_len: int = 2048
     global_batch: int = 256                 # sequences per update
     micro_batch: Optional[int] = None       # sequences per forward/backward over the mesh; null = global_batch
-    precision: Precision = Precision.bf16
+    precision: Precision = Precision.bf16   # fp8: GPUs with float8 tensor cores only (H100, H200)
     remat: Any = "auto"                     # auto (only where needed) | true | false
+    loss_chunk: int = TrainerConfig.loss_chunk   # trainer.loss_chunk: tokens per chunk of the loss, 0 = whole logits
     overlap: float = 0.75                   # share of the communication hidden under compute
     mfu: Any = None                         # {chip: mfu} overriding configs/plan/chips.yaml
     prices: Optional[str] = None            # your price file (layout of configs/plan/prices.yaml)
@@ -105,7 +106,8 @@ def run(plain: dict, run_dir: Path) -> list[dict]:
         if found["chip"]:
             mfu[found["chip"]] = found["mfu"]
     settings = planner.Settings(seq_len=p["seq_len"], global_batch=p["global_batch"], micro_batch=p["micro_batch"],
-                                precision=p["precision"], remat=p["remat"], overlap=p["overlap"], mfu=mfu)
+                                precision=p["precision"], remat=p["remat"], overlap=p["overlap"], mfu=mfu,
+                                loss_chunk=p["loss_chunk"])
     check_settings(settings)
     rows = [planner.plan_target(cfg, t, catalog, settings) for t in targets]
     rows = planner.finish(rows, p["tokens"], p["tokens_per_s"], p["hours"])
@@ -164,6 +166,8 @@ def check_settings(s) -> None:
     for key in ("seq_len", "global_batch"):
         if getattr(s, key) < 1:
             raise UserError(f"plan.{key}={getattr(s, key)}: give a positive integer")
+    if s.loss_chunk < 0:
+        raise UserError(f"plan.loss_chunk={s.loss_chunk}: use 0 (the whole logits) or a number of tokens")
     if s.micro_batch is not None and (s.micro_batch < 1 or s.global_batch % s.micro_batch):
         raise UserError(f"plan.micro_batch={s.micro_batch} must be positive and divide plan.global_batch "
                         f"({s.global_batch})")
@@ -177,6 +181,8 @@ def launch_command(row: dict, model_name: str | None, p: dict) -> str:
     train = [f"model={model_name}" if model_name else "model=...", f"trainer.seq_len={p['seq_len']}",
              f"trainer.global_batch={p['global_batch']}", f"trainer.micro_batch={row['micro_batch']}",
              f"trainer.precision={p['precision']}", f"trainer.remat={str(row['remat']).lower()}"]
+    if p["loss_chunk"] != TrainerConfig.loss_chunk:
+        train.append(f"trainer.loss_chunk={p['loss_chunk']}")
     if not model_name:
         train.insert(1, f"trainer.init_from={p['hf_dir']}")
     chip, inst, nodes = row["chip"], row["instance_type"], row["nodes"]

@@ -7,7 +7,10 @@ import time
 
 import numpy as np
 
+from configs.schema import TrainerConfig
 from models.errors import UserError
+
+DEFAULT_LOSS_CHUNK = TrainerConfig.loss_chunk
 
 # device kinds as the frameworks report them -> chips.yaml keys (first match wins; v5 lite before v5)
 DEVICE_KINDS = [("h200", "h200"), ("h100", "h100"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
@@ -20,7 +23,8 @@ def chip_of(device_kind: str) -> str | None:
 
 
 def measure(p: dict, catalog: dict, steps: int = 4, warmup: int = 2) -> dict:
-    """{chip, mfu, tokens_per_s, summary}: `steps` timed train steps of plan.measure_model in plan.precision."""
+    """{chip, mfu, tokens_per_s, summary}: `steps` timed train steps of plan.measure_model in plan.precision,
+    the loss chunked as plan.loss_chunk says (the trainer's default where `p` has none)."""
     from hal import OptimizerSpec, make_backend
     from models.spec import SIZES, flops_per_token, reference_init
     from hal.base import HostState
@@ -30,7 +34,8 @@ def measure(p: dict, catalog: dict, steps: int = 4, warmup: int = 2) -> dict:
         raise UserError(f"plan.measure_framework={p['measure_framework']!r}: use jax or torch")
     cfg = SIZES[p["measure_model"]]
     seq = min(p["seq_len"], cfg.max_position_embeddings, 256)
-    backend = make_backend({"framework": p["measure_framework"]}, cfg, OptimizerSpec(), p["precision"])
+    backend = make_backend({"framework": p["measure_framework"]}, cfg, OptimizerSpec(), p["precision"],
+                           loss_chunk=p.get("loss_chunk", DEFAULT_LOSS_CHUNK))
     info = backend.describe()
     devices = info.get("device_count", 1)
     batch = 8 * devices

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from configs.schema import TrainerConfig
 from hal import mesh as meshlib
+from hal.base import check_fp8
 from models.errors import UserError
 from models.spec import LlamaConfig, flops_per_token, logical_axes, num_params, param_shapes
 
+DEFAULT_LOSS_CHUNK = TrainerConfig.loss_chunk
 DATA_DIR = Path(__file__).resolve().parents[1] / "configs" / "plan"
 GB, GIB = 1e9, 2.0 ** 30
 
@@ -228,17 +231,27 @@ def torch_activation_bytes(cfg: LlamaConfig, seq_len: int, act_bytes: int, atten
 
 
 def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
-           remat: bool, attention: str, accum: int = 1, platform: str = "") -> dict:
+           remat: bool, attention: str, accum: int = 1, platform: str = "",
+           loss_chunk: int = DEFAULT_LOSS_CHUNK) -> dict:
     """Per-device bytes of one train step, by part. `micro_batch`: sequences of one forward/backward over
     the whole mesh (split over data x fsdp); `accum`: micro-batches per update; `platform`: "cpu" where the
-    step runs on XLA:CPU (bf16 elementwise results in float32), anything else for an accelerator.
+    step runs on XLA:CPU (bf16 elementwise results in float32), anything else for an accelerator;
+    `loss_chunk`: trainer.loss_chunk (0: the loss through the whole logits).
 
     Both frameworks keep float32 master weights and AdamW moments and float32 gradients, sharded as the
     mesh says (JAX: the gradients take the parameters' sharding from the step's out_shardings, one layer's
     reduced at a time; torch: FSDP2 reduce-scatters each block's); activations for this device's share of
-    the micro-batch; the logits and their float32 log-softmax; and the weights held beyond the shards
+    the micro-batch; the loss's buffers (`logit_bytes`); and the weights held beyond the shards
     (`_jax_weights`, `_torch_weights`). The parts are those live at the step's peak.
+
+    fp8 is sized as bf16. torchao's Float8Linear saves its bf16 input for the backward pass and casts it to
+    float8 again there, as bf16 saves it; the JAX path saves float8 copies of each projection's input
+    instead, which changes a layer's activations by a few percent (the norm outputs once per projection:
+    + hidden bytes a token; down_proj's input: - mlp bytes). For the weights bf16 sizing is an upper bound:
+    without FSDP, Float8Linear saves the float32 parameter itself (no bf16 copy) and JAX a float8 copy
+    (1 byte a weight, not 2).
     """
+    precision = sizing_precision(precision)
     act_bytes = 2 if precision == "bf16" else 4
     shard = shard_elements(cfg, mesh, framework)
     tokens = micro_batch / (mesh["data"] * mesh["fsdp"]) * seq_len
@@ -259,12 +272,10 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
     else:
         # a tensor axis splits the head and mlp activations (about three quarters of them), not the rest
         acts = tokens * layers * per_layer * (0.25 + 0.75 / mesh["tensor"])
-    # logits [tokens, vocab] in the compute dtype, their float32 copy / log-softmax, and its float32 gradient
-    logit_bytes = act_bytes + 4 + 4 + (4 if framework == "torch" else 0)
     backward = {
         "activations": acts,
         "backward working set": working / mesh["tensor"],
-        "logits": tokens * cfg.vocab_size * logit_bytes / mesh["tensor"],
+        "logits": logit_bytes(cfg, mesh, framework, micro_batch, seq_len, precision, platform, loss_chunk),
         **(_jax_weights(cfg, mesh, remat, precision, platform) if framework == "jax"
            else _torch_weights(cfg, mesh, precision)),
     }
@@ -278,6 +289,49 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
     if gradients >= sum(backward.values()) + layer_gradients:
         return {**state, "gradients": gradients}
     return {**state, "gradients (one layer)": layer_gradients, **backward}
+
+
+def sizing_precision(precision: str) -> str:
+    """The precision a step's buffers are sized as: fp8 keeps its activations and weight copies in bf16
+    (memory's docstring says what float8 adds or saves)."""
+    return "bf16" if precision == "fp8" else precision
+
+
+def chunk_tokens(framework: str, rows: int, seq_len: int, loss_chunk: int) -> int:
+    """Tokens of one chunk of the chunked loss on a device holding `rows` rows: both frameworks take
+    max(1, loss_chunk // rows) positions of every row at a time; JAX pads the positions to a whole number of
+    chunks (so one chunk of a row shorter than that is padded up to it), torch's last chunk is shorter."""
+    positions = max(1, loss_chunk // max(1, rows))
+    return rows * (positions if framework == "jax" else min(positions, seq_len))
+
+
+def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
+                platform: str, loss_chunk: int) -> float:
+    """Bytes of the loss at the step's peak. Whole logits (loss_chunk 0, or a tensor axis, where both
+    frameworks take the vocabulary-split logits whole): [tokens, vocab] in the compute dtype, their float32
+    copy / log-softmax and its float32 gradient (torch: and the float32 logits it returns, which under fp32
+    are the logits themselves).
+
+    Chunked (`chunk_tokens` a chunk): JAX (models.llama_jax.chunked_cross_entropy, a scan of checkpointed
+    chunks) holds one chunk's logits in the compute dtype, their float32 copy and its float32 gradient while
+    the backward pass recomputes that chunk, beside the gradient of the output weight the scan accumulates in
+    the compute dtype and the hidden states' gradient. torch (models.llama_torch._ChunkedCrossEntropy) forms
+    the gradients in the forward pass: one chunk's float32 logits (turned into their gradient in place) and
+    its cast to the compute dtype, beside grad_h [tokens, hidden] in the compute dtype and grad_w [vocab,
+    hidden] in float32; the backward pass then scales both into new tensors."""
+    rows = max(1, round(micro_batch / (mesh["data"] * mesh["fsdp"])))
+    tokens, vocab, hidden = rows * seq_len, cfg.vocab_size, cfg.hidden_size
+    act = 2 if precision == "bf16" else 4
+    cast = act if act != 4 else 0         # a cast to or from the compute dtype (none under fp32)
+    if not loss_chunk or mesh["tensor"] > 1:
+        per_logit = act + 4 + 4 + (4 if framework == "torch" and cast else 0)
+        return tokens * vocab * per_logit / mesh["tensor"]
+    chunk = chunk_tokens(framework, rows, seq_len, loss_chunk)
+    if framework == "jax":
+        return chunk * vocab * (cast + 4 + 4) + vocab * hidden * act + tokens * hidden * act
+    forward = chunk * vocab * (4 + cast) + vocab * hidden * cast
+    backward = tokens * hidden * act + vocab * hidden * (4 + cast)
+    return tokens * hidden * act + vocab * hidden * 4 + max(forward, backward)
 
 
 def _block_params(cfg: LlamaConfig) -> float:
@@ -319,7 +373,7 @@ def _torch_weights(cfg: LlamaConfig, mesh: dict, precision: str) -> dict:
 def elementwise_bytes(platform: str, precision: str) -> int:
     """Bytes of an elementwise result: the compute dtype's, except on XLA:CPU under bf16, which has no bf16
     arithmetic: it computes bf16 elementwise operations in float32 and keeps their results in float32."""
-    if precision != "bf16":
+    if sizing_precision(precision) != "bf16":
         return 4
     return 4 if platform == "cpu" else 2
 
@@ -329,7 +383,9 @@ def elementwise_bytes(platform: str, precision: str) -> int:
 def step_time(cfg: LlamaConfig, mesh: dict, spec: dict, chips: int, nodes: int, global_batch: int,
               micro_batch: int, seq_len: int, precision: str, remat: bool, mfu: float, overlap: float) -> dict:
     """Seconds per optimizer update: compute at `mfu` of the dense bf16 peak (x4/3 with activation
-    checkpointing: the forward runs twice), FSDP all-gathers (forward and backward, bf16) and reduce-scatter
+    checkpointing: the forward runs twice), at every precision: fp8's MFU is counted against the bf16 peak
+    too, as trainer/observe.py logs it, so a measured fp8 MFU carries its speed-up and the assumed (bf16)
+    one none; FSDP all-gathers (forward and backward, bf16) and reduce-scatter
     (float32) per micro-batch over the chip's scale-up link, the data axis's gradient all-reduce over the
     scale-out network, and TP all-reduces over the link; `overlap` of the communication hides under compute."""
     tokens = global_batch * seq_len
@@ -338,7 +394,7 @@ def step_time(cfg: LlamaConfig, mesh: dict, spec: dict, chips: int, nodes: int, 
     accum = max(1, global_batch // micro_batch)
     full = num_params(cfg)
     link = spec["link_gbps"] / 2 * GB          # one direction of the quoted bidirectional figure
-    act_bytes = 2 if precision == "bf16" else 4
+    act_bytes = 2 if sizing_precision(precision) == "bf16" else 4   # fp8: FSDP2 gathers the bf16 weights
     fsdp, data, tensor = mesh["fsdp"], mesh["data"], mesh["tensor"]
     comm = 0.0
     if fsdp > 1:
@@ -380,6 +436,7 @@ class Settings:
     remat: bool | str           # true | false | "auto" (checkpoint only where it does not fit without)
     overlap: float
     mfu: dict                   # chip -> MFU overriding chips.yaml (a measurement)
+    loss_chunk: int = DEFAULT_LOSS_CHUNK    # trainer.loss_chunk: tokens per chunk of the loss, 0 = whole logits
 
 
 def budget_bytes(spec: dict) -> float:
@@ -388,9 +445,9 @@ def budget_bytes(spec: dict) -> float:
 
 
 def attention_kind(family: str, framework: str, precision: str) -> str:
-    """Which attention trichip runs: cuDNN flash (JAX, GPU, bf16) or SDPA's fused kernels (torch on GPUs)
-    keep no scores; XLA's attention on TPU/CPU/Neuron materializes them."""
-    if family == "gpu" and (framework == "torch" or precision == "bf16"):
+    """Which attention trichip runs: cuDNN flash (JAX, GPU, bf16 or fp8, whose attention is bf16) or SDPA's
+    fused kernels (torch on GPUs) keep no scores; XLA's attention on TPU/CPU/Neuron materializes them."""
+    if family == "gpu" and (framework == "torch" or sizing_precision(precision) == "bf16"):
         return "flash"
     return "materialized"
 
@@ -406,14 +463,14 @@ def plan_target(cfg: LlamaConfig, target: Target, catalog: dict, s: Settings) ->
 
     def total(micro: int, remat: bool) -> tuple[float, dict]:
         parts = memory(cfg, mesh, stack["framework"], micro, s.seq_len, s.precision, remat, attention,
-                       accum=max(1, s.global_batch // micro))
+                       accum=max(1, s.global_batch // micro), loss_chunk=s.loss_chunk)
         return sum(parts.values()), parts
 
     row = {"target": target.name, "chip": target.chip, "chips": target.chips, "nodes": target.nodes,
            "devices": devices, "instance_type": target.instance_type, "framework": stack["framework"],
            "stack": stack["stack"], "mesh": mesh, "mesh_source": source, "note": target.note,
            "attention": attention, "device_budget_gb": round(budget / GB, 2)}
-    problems = []
+    problems = fp8_problems(spec, s.precision)
     if s.global_batch % batch_div:
         problems.append(f"global batch {s.global_batch} is not a multiple of data x fsdp = {batch_div}")
     remat, micro = choose_remat_and_micro(total, budget, batch_div, s)
@@ -438,6 +495,19 @@ def plan_target(cfg: LlamaConfig, target: Target, catalog: dict, s: Settings) ->
     row["tokens_per_s"] = tokens_per_s if fits else None
     row["usd_per_1m_tokens"] = (price["usd_per_hour"] / 3600 / tokens_per_s * 1e6) if (fits and price) else None
     return row
+
+
+def fp8_problems(spec: dict, precision: str) -> list[str]:
+    """[] unless plan.precision=fp8 on a chip the trainer refuses it on (hal.base.check_fp8: float8 tensor
+    cores, CUDA compute capability 8.9+, chips.yaml's `cuda_capability`); then the one line it refuses with."""
+    if precision != "fp8":
+        return []
+    capability = spec.get("cuda_capability")
+    try:
+        check_fp8(spec["name"], tuple(capability) if capability else None)
+    except UserError as e:
+        return [str(e)]
+    return []
 
 
 def choose_remat_and_micro(total, budget: float, div: int, s: Settings) -> tuple[bool, int]:
@@ -534,5 +604,11 @@ def assumptions(catalog: dict, s: Settings, chips_used: set) -> list[str]:
            "saves little, bench/RESULTS.md)",
            "prices: on-demand list prices of configs/plan/prices.yaml (region, date, source per row); no price = "
            "no cost, never an estimate",
-           "FLOPs per token: models.spec.flops_per_token (6N + attention, causal not discounted)"]
+           "FLOPs per token: models.spec.flops_per_token (6N + attention, causal not discounted)",
+           (f"loss: chunks of {s.loss_chunk} tokens a device (trainer.loss_chunk; the whole logits under a "
+            f"tensor axis)" if s.loss_chunk else "loss: through the whole logits (trainer.loss_chunk=0)")]
+    if s.precision == "fp8":
+        out.append("fp8: memory sized as bf16 (float8 copies replace bf16 ones; launch/planner.py memory); "
+                   "MFU against the bf16 peak, so the assumed MFU gives bf16's speed: measure fp8 (--measure "
+                   "or plan.mfu) for its speed-up; chips without float8 tensor cores are refused")
     return out

@@ -19,7 +19,7 @@ from hal.profile import STEP_NAME, is_out_of_memory, make_profiler
 from models.spec import SIZES
 from tests.conftest import ROOT, metrics, train
 from trainer.loggers import Loggers, _escape
-from trainer.observe import out_of_memory_message, scalar_values
+from trainer.observe import out_of_memory_message, peak_flops, scalar_values
 
 
 def _wandb_records(path):
@@ -212,6 +212,14 @@ def test_out_of_memory_is_told_from_real_allocation_failures():
     assert [is_out_of_memory(e) for e in failures] == [True, True, True]
     assert not any(is_out_of_memory(e) for e in (ValueError("bad shape"), RuntimeError("CUDA error: launch failed"),
                                                  KeyError("RESOURCE_EXHAUSTED")))
+
+
+def test_fp8_mfu_counts_against_the_bf16_peak():
+    """fp8 runs float8 only in the blocks' projections: its MFU is against the dense bf16 peak, as bf16's is."""
+    kind = "NVIDIA H100 80GB HBM3"
+    assert peak_flops(kind, "fp8") == peak_flops(kind, "bf16") == 989e12
+    assert peak_flops(kind, "fp32") == 67e12
+    assert peak_flops("TPU v5 lite", "fp8") == 197e12 and peak_flops("cpu", "fp8") is None
 
 
 def test_out_of_memory_message_says_what_to_change():

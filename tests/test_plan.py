@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configs.schema import TrainerConfig
 from hal import mesh as meshlib
 from launch import planner
 from models.errors import UserError
@@ -16,6 +17,7 @@ from models.spec import SIZES, flops_per_token, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = planner.load_catalog()
+CHUNK = TrainerConfig.loss_chunk
 
 
 def settings(**kw):
@@ -68,10 +70,11 @@ def test_remat_assumption_is_stated():
 
 
 def test_gpu_measurements_within_15_percent():
-    """bench/RESULTS_H200.md: 1.24B, bf16, micro-batch 8, seq 2048 on one H200: JAX 73.9 GB, torch 83.7 GB."""
+    """bench/RESULTS_H200.md: 1.24B, bf16, micro-batch 8, seq 2048 on one H200: JAX 73.9 GB, torch 83.7 GB,
+    measured with the loss through the whole logits (loss_chunk=0)."""
     one = {"data": 1, "fsdp": 1, "tensor": 1}
     for framework, measured in (("jax", 73.9e9), ("torch", 83.7e9)):
-        parts = planner.memory(SIZES["llama3.2-1b"], one, framework, 8, 2048, "bf16", False, "flash")
+        parts = planner.memory(SIZES["llama3.2-1b"], one, framework, 8, 2048, "bf16", False, "flash", loss_chunk=0)
         assert abs(sum(parts.values()) / measured - 1) < 0.15, framework
 
 
@@ -182,21 +185,91 @@ def _bench():
 @pytest.mark.parametrize("devices,variant", [(1, "memory"), (2, "fsdp")])
 def test_jax_memory_within_15_percent_of_xla(devices, variant):
     """XLA's compiled memory analysis of the real JAX train step (bench/plan_memory.py)."""
-    got = _bench().measure("tiny", devices, "4,128,fp32,0", variant)
+    got = _bench().measure("tiny", devices, "4,128,fp32,0", variant, CHUNK)
     assert isinstance(got, dict), got
     predicted = sum(planner.memory(SIZES["tiny"], got["mesh"], "jax", 4, 128, "fp32", False, "materialized",
-                                   platform="cpu").values())
+                                   platform="cpu", loss_chunk=CHUNK).values())
     assert abs(predicted / got["measured"] - 1) < 0.15, (predicted, got)
 
 
 @pytest.mark.slow
 def test_torch_memory_within_15_percent_of_mem_tracker():
     """torch's MemTracker over a real TorchBackend step on 2 gloo processes (bench/plan_memory.py)."""
-    got = _bench().measure_torch("tiny", 2, "8,128,bf16,0")
+    got = _bench().measure_torch("tiny", 2, "8,128,bf16,0", CHUNK)
     assert isinstance(got, dict) and got["mesh"]["fsdp"] == 2, got
     predicted = sum(planner.memory(SIZES["tiny"], got["mesh"], "torch", 8, 128, "bf16", False, "flash",
-                                   platform="cpu").values())
+                                   platform="cpu", loss_chunk=CHUNK).values())
     assert abs(predicted / got["measured"] - 1) < 0.15, (predicted, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_chunk", [0, 512, CHUNK])
+def test_jax_loss_memory_within_15_percent_of_xla(loss_chunk):
+    """The loss's buffers where they matter: llama3.2-1b's 128,256-token vocabulary with 2 of its layers,
+    2 x 1024 tokens on one device (XLA's memory analysis, bench/plan_memory.py): whole logits, chunks of 512
+    tokens, and the default chunk, which JAX pads to a whole chunk."""
+    got = _bench().measure("llama3.2-1b@2", 1, "2,1024,fp32,0", "memory", loss_chunk)
+    assert isinstance(got, dict), got
+    cfg = _bench().model_config("llama3.2-1b@2")
+    predicted = sum(planner.memory(cfg, got["mesh"], "jax", 2, 1024, "fp32", False, "materialized", platform="cpu",
+                                   loss_chunk=loss_chunk).values())
+    assert abs(predicted / got["measured"] - 1) < 0.15, (predicted, got)
+
+
+def test_chunked_loss_holds_one_chunk_not_the_logits():
+    cfg, one = SIZES["llama3.2-1b"], {"data": 1, "fsdp": 1, "tensor": 1}
+    vocab, hidden, tokens = cfg.vocab_size, cfg.hidden_size, 8 * 2048
+    for framework in ("jax", "torch"):
+        whole = planner.memory(cfg, one, framework, 8, 2048, "bf16", False, "flash", loss_chunk=0)
+        chunked = planner.memory(cfg, one, framework, 8, 2048, "bf16", False, "flash", loss_chunk=CHUNK)
+        assert whole["logits"] >= tokens * vocab * 10
+        assert chunked["logits"] < whole["logits"] / 2
+        # one chunk's float32 logits and gradient at most, beside the output weight's and hidden states' gradients
+        assert chunked["logits"] <= CHUNK * vocab * 10 + vocab * hidden * 8 + tokens * hidden * 4
+        rest = {k: v for k, v in chunked.items() if k != "logits"}
+        assert rest == {k: v for k, v in whole.items() if k != "logits"}
+    # the tensor axis takes the whole (vocabulary-split) logits: loss_chunk changes nothing there
+    tp = {"data": 1, "fsdp": 2, "tensor": 4}
+    assert planner.memory(cfg, tp, "jax", 8, 2048, "bf16", False, "flash", loss_chunk=CHUNK) == \
+        planner.memory(cfg, tp, "jax", 8, 2048, "bf16", False, "flash", loss_chunk=0)
+
+
+def test_chunk_tokens_follow_the_models():
+    """JAX pads every row to whole chunks of loss_chunk // rows positions; torch's last chunk is shorter."""
+    assert planner.chunk_tokens("jax", 8, 2048, 4096) == planner.chunk_tokens("torch", 8, 2048, 4096) == 4096
+    assert planner.chunk_tokens("jax", 2, 1024, 4096) == 4096 and planner.chunk_tokens("torch", 2, 1024, 4096) == 2048
+    assert planner.chunk_tokens("jax", 8192, 2048, 4096) == 8192     # at least one position a row
+
+
+def test_loss_chunk_reaches_the_plan_and_its_command():
+    cfg = SIZES["llama3.2-1b"]
+    target = planner.parse_target("1xh100", CATALOG)
+    chunked = planner.plan_target(cfg, target, CATALOG, settings(micro_batch=8, remat=False))
+    whole = planner.plan_target(cfg, target, CATALOG, settings(micro_batch=8, remat=False, loss_chunk=0))
+    assert chunked["memory_gb"]["logits"] < whole["memory_gb"]["logits"] / 2
+    from launch.plan import launch_command
+    p = {"seq_len": 2048, "global_batch": 256, "precision": "bf16", "hf_dir": None}
+    assert "trainer.loss_chunk" not in launch_command(chunked, "llama3.2-1b", {**p, "loss_chunk": CHUNK})
+    assert "trainer.loss_chunk=0" in launch_command(whole, "llama3.2-1b", {**p, "loss_chunk": 0})
+
+
+def test_fp8_is_sized_as_bf16_and_refused_without_float8_tensor_cores():
+    cfg = SIZES["llama3.2-1b"]
+    for framework, attention in (("jax", "materialized"), ("torch", "flash")):
+        mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+        assert planner.memory(cfg, mesh, framework, 8, 2048, "fp8", False, attention) == \
+            planner.memory(cfg, mesh, framework, 8, 2048, "bf16", False, attention)
+    assert planner.attention_kind("gpu", "jax", "fp8") == "flash"
+    rows = {t: planner.plan_target(cfg, planner.parse_target(t, CATALOG), CATALOG, settings(precision="fp8"))
+            for t in ("p5.48xlarge", "8xh200", "tpu-v5p-16", "trn2.48xlarge")}
+    bf16 = planner.plan_target(cfg, planner.parse_target("p5.48xlarge", CATALOG), CATALOG, settings())
+    assert rows["p5.48xlarge"]["fits"] and rows["8xh200"]["fits"]
+    assert rows["p5.48xlarge"]["step_s"] == bf16["step_s"]      # MFU against the bf16 peak, as observe logs it
+    for t in ("tpu-v5p-16", "trn2.48xlarge"):
+        assert not rows[t]["fits"] and rows[t]["tokens_per_s"] is None
+        assert any("float8 tensor cores" in p and "\n" not in p for p in rows[t]["problems"]), rows[t]["problems"]
+    notes = planner.assumptions(CATALOG, settings(precision="fp8"), {"h100"})
+    assert any(n.startswith("fp8:") and "bf16 peak" in n for n in notes)
 
 
 @pytest.mark.parametrize("kind,chip", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
