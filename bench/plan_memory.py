@@ -3,6 +3,12 @@
     python bench/plan_memory.py [--model small] [--devices 1,2,4,8] [--cases "8,256,fp32,0 8,256,bf16,1"]
                                 [--save measured.json | --load measured.json]
     python bench/plan_memory.py --framework torch --devices 1,2,4 --cases "8,256,fp32,0 8,256,bf16,0"
+    python bench/plan_memory.py --model llama3.2-1b@2 --devices 1 --cases "2,1024,fp32,0" --loss-chunk 512
+
+Every step is measured and predicted at one trainer.loss_chunk (--loss-chunk, the trainer's default unless
+given; 0: the loss through the whole logits). MODEL is a models.spec.SIZES name, or NAME@LAYERS for that
+model with LAYERS decoder layers: llama3.2-1b@2 has the 128,256-token vocabulary whose logits the chunked
+loss exists for, at a size the CPU compiles quickly.
 
 torch: the TorchBackend step on N gloo processes (torchrun; FSDP2 from 2 on), the peak of every tensor
 storage alive on rank 0 during one train step, by kind, from torch.distributed._tools' MemTracker

@@ -210,7 +210,8 @@ def jax_backward_bytes(cfg: LlamaConfig, seq_len: int, precision: str, attention
     return float(attn + 2 * cfg.intermediate_size * elementwise_bytes(platform, precision))
 
 
-def torch_activation_bytes(cfg: LlamaConfig, seq_len: int, act_bytes: int, attention: str) -> float:
+def torch_activation_bytes(cfg: LlamaConfig, seq_len: int, act_bytes: int, attention: str,
+                           autocast: bool = False) -> float:
     """Bytes one decoder layer of the torch model keeps for autograd per token (no activation checkpointing).
 
     Saved in the compute dtype: the layer input, both norm outputs, q/k/v and the rotated q/k, the attention
@@ -218,11 +219,16 @@ def torch_activation_bytes(cfg: LlamaConfig, seq_len: int, act_bytes: int, atten
     RMSNorm inputs (models/llama_torch.py normalises in float32). The math attention path also keeps its
     scores, masked scores and probabilities: heads x seq_len float32 values each (`attention="materialized"`);
     SDPA's fused kernels keep only the output and a softmax statistic.
+
+    `autocast` (bf16 without FSDP2: float32 weights cast by autocast): the residual stream is float32 (the
+    embedding's output is), so each RMSNorm's input is the float32 residual itself, its output stays float32
+    beside the normalized values, and the projections save that output's bf16 cast: 6 x hidden bytes a
+    norm beyond the count above.
     """
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     compute = (d + d + (q + 2 * kv) + (q + kv) + q + d + d) + 4 * f
-    out = compute * act_bytes + 2 * d * 4
+    out = compute * act_bytes + 2 * d * 4 + (2 * 6 * d if autocast and act_bytes == 2 else 0)
     if attention == "materialized":
         out += 3 * cfg.num_attention_heads * seq_len * 4
     else:
@@ -260,7 +266,8 @@ def memory(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_l
         per_layer = jax_activation_bytes(cfg, seq_len, precision, attention, platform)
         working = tokens * jax_backward_bytes(cfg, seq_len, precision, attention, platform)
     else:
-        per_layer = torch_activation_bytes(cfg, seq_len, act_bytes, attention)
+        per_layer = torch_activation_bytes(cfg, seq_len, act_bytes, attention,
+                                           autocast=mesh["data"] * mesh["fsdp"] == 1)
         working = 0.0
     if remat:
         # Each layer's input is kept (a residual sum); one layer's activations are rebuilt at a time. This
