@@ -304,12 +304,12 @@ def sizing_precision(precision: str) -> str:
     return "bf16" if precision == "fp8" else precision
 
 
-def chunk_tokens(framework: str, rows: int, seq_len: int, loss_chunk: int) -> int:
+def chunk_tokens(rows: int, seq_len: int, loss_chunk: int) -> int:
     """Tokens of one chunk of the chunked loss on a device holding `rows` rows: both frameworks take
-    max(1, loss_chunk // rows) positions of every row at a time; JAX pads the positions to a whole number of
-    chunks (so one chunk of a row shorter than that is padded up to it), torch's last chunk is shorter."""
+    max(1, loss_chunk // rows) positions of every row at a time, at most the whole row (JAX pads the last
+    chunk to that size, torch's last chunk is shorter)."""
     positions = max(1, loss_chunk // max(1, rows))
-    return rows * (positions if framework == "jax" else min(positions, seq_len))
+    return rows * min(positions, seq_len)
 
 
 def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
@@ -333,7 +333,7 @@ def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, 
     if not loss_chunk or mesh["tensor"] > 1:
         per_logit = act + 4 + 4 + (4 if framework == "torch" and cast else 0)
         return tokens * vocab * per_logit / mesh["tensor"]
-    chunk = chunk_tokens(framework, rows, seq_len, loss_chunk)
+    chunk = chunk_tokens(rows, seq_len, loss_chunk)
     if framework == "jax":
         return chunk * vocab * (cast + 4 + 4) + vocab * hidden * act + tokens * hidden * act
     forward = chunk * vocab * (4 + cast) + vocab * hidden * cast

@@ -272,6 +272,7 @@ def chunked_cross_entropy(h, w, targets, positions: int):
     dtype, upcast to float32 for the logsumexp, and recomputed in the backward (jax.checkpoint), so
     neither pass holds more than one chunk's logits. The mean is over the B x T real targets."""
     b, t, hidden = h.shape
+    positions = min(positions, t)           # a row shorter than a chunk is one chunk, unpadded
     chunks = -(-t // positions)
     pad = chunks * positions - t
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))

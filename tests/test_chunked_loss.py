@@ -55,6 +55,17 @@ def test_jax_chunked_equals_plain(positions):
     assert_same(plain, chunked)
 
 
+def test_jax_chunk_longer_than_the_rows_takes_the_rows_unpadded():
+    """A chunk of more positions than a row holds is one chunk of the whole row: no padded positions, whose
+    logits would cost more than the whole logits."""
+    import jax
+    from models.llama_jax import chunked_cross_entropy
+    h, w, y = inputs()
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: chunked_cross_entropy(h, w, y, 97), argnums=(0, 1)))(h, w)
+    dims = {d for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars for d in getattr(v.aval, "shape", ())}
+    assert T in dims and 97 not in dims
+
+
 def torch_value_and_grads(loss, h, w):
     import torch
     h, w = (torch.from_numpy(a).requires_grad_() for a in (h, w))

@@ -235,10 +235,10 @@ def test_chunked_loss_holds_one_chunk_not_the_logits():
 
 
 def test_chunk_tokens_follow_the_models():
-    """JAX pads every row to whole chunks of loss_chunk // rows positions; torch's last chunk is shorter."""
-    assert planner.chunk_tokens("jax", 8, 2048, 4096) == planner.chunk_tokens("torch", 8, 2048, 4096) == 4096
-    assert planner.chunk_tokens("jax", 2, 1024, 4096) == 4096 and planner.chunk_tokens("torch", 2, 1024, 4096) == 2048
-    assert planner.chunk_tokens("jax", 8192, 2048, 4096) == 8192     # at least one position a row
+    """Both frameworks take loss_chunk // rows positions of every row a chunk, at most the whole row."""
+    assert planner.chunk_tokens(8, 2048, 4096) == 4096
+    assert planner.chunk_tokens(2, 1024, 4096) == 2048          # a row shorter than a chunk: the whole row
+    assert planner.chunk_tokens(8192, 2048, 4096) == 8192     # at least one position a row
 
 
 def test_loss_chunk_reaches_the_plan_and_its_command():
