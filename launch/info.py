@@ -69,7 +69,7 @@ def layout(overrides: list[str], devices: int | None) -> dict:
     micro = t["micro_batch"] or t["global_batch"]
     parts = planner.memory(model, mesh, hal["framework"], micro, t["seq_len"], t["precision"], t["remat"],
                            planner.attention_kind(family, hal["framework"], t["precision"]),
-                           accum=t["global_batch"] // micro)
+                           accum=t["global_batch"] // micro, loss_chunk=t["loss_chunk"])
     shard = planner.shard_elements(model, mesh, hal["framework"])
     rest = {k: v for k, v in parts.items() if k != "params+moments"}
     return {"framework": hal["framework"], "devices": devices, "mesh": mesh, "mesh_source": source,

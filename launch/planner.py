@@ -314,8 +314,8 @@ def chunk_tokens(rows: int, seq_len: int, loss_chunk: int) -> int:
 
 def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
                 platform: str, loss_chunk: int) -> float:
-    """Bytes of the loss at the step's peak. Whole logits (loss_chunk 0, or a tensor axis, where both
-    frameworks take the vocabulary-split logits whole): [tokens, vocab] in the compute dtype, their float32
+    """Bytes of the loss at the step's peak. Whole logits (loss_chunk 0; a chunk of all the device's tokens,
+    which both frameworks take whole; or a tensor axis, where both take the vocabulary-split logits whole): [tokens, vocab] in the compute dtype, their float32
     copy / log-softmax and its float32 gradient (torch: and the float32 logits it returns, which under fp32
     are the logits themselves).
 
@@ -330,7 +330,7 @@ def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, 
     tokens, vocab, hidden = rows * seq_len, cfg.vocab_size, cfg.hidden_size
     act = 2 if precision == "bf16" else 4
     cast = act if act != 4 else 0         # a cast to or from the compute dtype (none under fp32)
-    if not loss_chunk or mesh["tensor"] > 1:
+    if not loss_chunk or mesh["tensor"] > 1 or chunk_tokens(rows, seq_len, loss_chunk) >= tokens:
         per_logit = act + 4 + 4 + (4 if framework == "torch" and cast else 0)
         return tokens * vocab * per_logit / mesh["tensor"]
     chunk = chunk_tokens(rows, seq_len, loss_chunk)

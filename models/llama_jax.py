@@ -270,9 +270,12 @@ def chunked_cross_entropy(h, w, targets, positions: int):
     w [vocab, hidden], targets [B, T] int. The positions are taken `positions` at a time (B x positions
     tokens a chunk; the last chunk padded with ignored targets); each chunk's logits are computed in h's
     dtype, upcast to float32 for the logsumexp, and recomputed in the backward (jax.checkpoint), so
-    neither pass holds more than one chunk's logits. The mean is over the B x T real targets."""
+    neither pass holds more than one chunk's logits. The mean is over the B x T real targets. A chunk of the
+    whole rows is the plain loss through the whole logits (a scan of one chunk would only add the weight
+    gradient's accumulator)."""
     b, t, hidden = h.shape
-    positions = min(positions, t)           # a row shorter than a chunk is one chunk, unpadded
+    if positions >= t:
+        return cross_entropy(matmul_t(h, w.astype(h.dtype)), targets)
     chunks = -(-t // positions)
     pad = chunks * positions - t
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))

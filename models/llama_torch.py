@@ -203,7 +203,10 @@ def chunked_cross_entropy(h, w, targets, positions: int):
     """cross_entropy of the logits h @ w^T without holding them whole: h [B, T, hidden], w [vocab, hidden],
     targets [B, T] long; the positions taken `positions` at a time (B x positions tokens a chunk, the last
     chunk shorter). The compute dtype is autocast's where it is on, else h's; each chunk's logits are
-    upcast to float32 for the logsumexp. The mean is over the B x T targets."""
+    upcast to float32 for the logsumexp. The mean is over the B x T targets. A chunk of the whole rows is
+    the plain loss through the whole logits (chunking them would only add the gradient accumulators)."""
+    if positions >= h.shape[1]:
+        return cross_entropy(F.linear(h, w), targets)
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     with_grads = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
