@@ -261,6 +261,20 @@ def tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def shrink_to_used(path: Path, resize, tries: int = 50) -> None:
+    """Resize a tmpfs (`resize` from tmpfs()) to what it holds now, so it is full from here on. A process
+    writing to it meanwhile can make it hold more than was read, and the remount then fails: read and
+    resize again."""
+    for _ in range(tries):
+        st = os.statvfs(path)
+        try:
+            resize(f"{(st.f_blocks - st.f_bfree) * st.f_frsize // 1024}k")
+            return
+        except subprocess.CalledProcessError:
+            time.sleep(0.01)
+    raise AssertionError(f"could not shrink the tmpfs at {path} to what it holds ({tries} tries)")
+
+
 def wait_for(predicate, timeout: float, what: str, proc=None, every: float = 0.01):
     """Poll until predicate() is truthy (returns it); AssertionError after `timeout` s or when `proc` exits."""
     deadline = time.time() + timeout

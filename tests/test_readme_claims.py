@@ -349,8 +349,7 @@ def test_a_checkpoint_being_written_is_committed_before_an_error_ends_the_run(tm
         try:
             faultlib.wait_for(lambda: (run / "metrics.jsonl").exists() and
                               (run / "metrics.jsonl").read_text().count("\n") >= 2, 300, "step 2", proc=p)
-            st = os.statvfs(tmp_path / "disk")
-            resize(f"{(st.f_blocks - st.f_bfree) * st.f_frsize // 1024}k")          # full from here on
+            faultlib.shrink_to_used(tmp_path / "disk", resize)                        # full from here on
             err = p.communicate(timeout=600)[1]
         finally:
             p.kill()

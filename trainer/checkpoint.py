@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ class PendingSave:
 
     def _cleanup(self) -> None:
         if self.lead:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            _remove_tree(self.tmp)
             if self.dest.is_remote:
                 with contextlib.suppress(OSError):
                     self.tmp.parent.rmdir()          # the staging directory, once empty
@@ -195,6 +196,19 @@ class PendingSave:
             self._upload = None
             self._cleanup()
         return public(self.dest)
+
+
+def _remove_tree(path: Path, wait: float = 2.0) -> None:
+    """Remove a temporary checkpoint directory. After a failed write the store's own threads may still be
+    finishing writes they had started (orbax raises at the first failure), and a file they create while the
+    tree is removed leaves it behind: remove again until it is gone, for up to `wait` seconds. What still
+    remains then is removed by pruning, as a crash's would be."""
+    deadline = time.monotonic() + wait
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _on_any_process(backend, flag: bool) -> bool:
