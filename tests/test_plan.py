@@ -289,7 +289,7 @@ def test_measure_runs_real_steps(framework):
     p = {"measure_model": "tiny", "measure_framework": framework, "seq_len": 64, "precision": "fp32"}
     found = measure(p, CATALOG, steps=2, warmup=1)
     assert found["tokens_per_s"] > 0 and found["chip"] is None and found["mfu"] is None
-    assert f"tiny on 1 cpu device(s)" in found["summary"] and framework in found["summary"]
+    assert "tiny on 1 cpu device(s)" in found["summary"] and framework in found["summary"]
 
 
 @pytest.mark.slow
