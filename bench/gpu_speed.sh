@@ -11,7 +11,10 @@
 #    that run resumed on the compile cache it filled (restart to first step, the restore of the checkpoint).
 # 2. fp8.md: bench/accelerator.sh PRECISION=fp8 against PRECISION=bf16, both frameworks, a few steps, no save.
 # 3. micro16.md: bench/accelerator.sh bf16 at micro-batch GLOBAL (no accumulation: what the chunked loss frees).
-# Python packages the image lacks travel as wheels in .whl/ (bench/README.md); they are installed first.
+# Python packages the image lacks travel as wheels in .whl/ (git-ignored; carried to the machine), installed first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
+#       --platform manylinux_2_28_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1 tensorboardX torchao==0.18.0
+#   (antlr4-python3-runtime==4.9.3 comes as a source archive: `pip wheel --no-deps -w .whl` it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
