@@ -9,18 +9,11 @@ import pytest
 from hal import HostState, OptimizerSpec, make_backend, store
 from hal.base import CheckpointDamaged
 from hal.host_buffers import HostBufferPool
-from models.spec import SIZES, reference_init
+from models.spec import SIZES
+from tests.test_checkpoint import _state
 from trainer import checkpoint
 
 META = {"model": {}, "writer": {}}
-
-
-def _state(seed=0, count=3):
-    params = reference_init(SIZES["tiny"], seed)
-    rng = np.random.default_rng(seed)
-    mu = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
-    nu = {k: np.abs(rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
-    return HostState(params, mu, nu, count)
 
 
 def _equal(a: HostState, b: HostState) -> bool:
