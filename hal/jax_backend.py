@@ -66,7 +66,10 @@ def _attention_impl(asked: str, platform: str, precision: str) -> str:
 def _cuda_capability(jax, platform: str) -> tuple[int, int] | None:
     """The CUDA compute capability (major, minor) of the first device; None where it is not a CUDA GPU."""
     capability = getattr(jax.devices()[0], "compute_capability", None) if platform == "gpu" else None
-    return tuple(int(part) for part in str(capability).split(".")[:2]) if capability else None
+    try:
+        return tuple(int(part) for part in str(capability).split(".")[:2]) if capability else None
+    except ValueError:          # not a CUDA capability (e.g. a ROCm device's gfx name)
+        return None
 
 
 def make_loss_fn(apply, cross_entropy):

@@ -149,8 +149,6 @@ def _consecutive_base(index: tuple, shape: tuple, local_shape: tuple):
     return starts[0] * strides[0]
 
 
-
-
 def _host_device():
     import jax
     try:
@@ -451,11 +449,23 @@ def _zarr_spec(array_dir: str) -> dict:
             "recheck_cached_data": False, "recheck_cached_metadata": False, "fill_missing_data_reads": False}
 
 
+def _present(tensor_dir: str, name) -> bool:
+    """Whether a tensor's directory exists: False only where it is proven absent; a directory that cannot
+    be looked at (an I/O error, a stale mount) is a StorageError, not damage."""
+    try:
+        os.stat(tensor_dir)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StorageError(f"checkpoint {name}: cannot read {tensor_dir} ({_brief(e)})") from e
+
+
 def _read_plain(path: str, names: list[str], name) -> tuple[dict, dict]:
     """Read a plain-zarr checkpoint's tensors into aligned host arrays, digests overlapping the reads."""
     import tensorstore as ts
     dirs = {n: os.path.join(os.path.abspath(path), n.replace("/", ".")) for n in names}
-    missing = [n for n, d in dirs.items() if not os.path.isdir(d)]
+    missing = [n for n, d in dirs.items() if not _present(d, name)]
     if missing and not _unreadable(path):
         raise CheckpointDamaged(f"checkpoint {name} is damaged: tensor {missing[0]} is missing from its state/")
     try:

@@ -315,17 +315,18 @@ def chunk_tokens(rows: int, seq_len: int, loss_chunk: int) -> int:
 def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, seq_len: int, precision: str,
                 platform: str, loss_chunk: int) -> float:
     """Bytes of the loss at the step's peak. Whole logits (loss_chunk 0; a chunk of all the device's tokens,
-    which both frameworks take whole; or a tensor axis, where both take the vocabulary-split logits whole): [tokens, vocab] in the compute dtype, their float32
-    copy / log-softmax and its float32 gradient (torch: and the float32 logits it returns, which under fp32
-    are the logits themselves).
+    which both frameworks take whole; or a tensor axis, where both take the vocabulary-split logits whole):
+    [tokens, vocab] in the compute dtype, their float32 copy / log-softmax and its float32 gradient (torch:
+    and the float32 logits it returns, which under fp32 are the logits themselves).
 
     Chunked (`chunk_tokens` a chunk): JAX (models.llama_jax.chunked_cross_entropy, a scan of checkpointed
     chunks) holds one chunk's logits in the compute dtype, their float32 copy and its float32 gradient while
-    the backward pass recomputes that chunk, beside the gradient of the output weight the scan accumulates in
-    the compute dtype and the hidden states' gradient. torch (models.llama_torch._ChunkedCrossEntropy) forms
-    the gradients in the forward pass: one chunk's float32 logits (turned into their gradient in place) and
-    its cast to the compute dtype, beside grad_h [tokens, hidden] in the compute dtype and grad_w [vocab,
-    hidden] in float32; the backward pass then scales both into new tensors."""
+    the backward pass recomputes that chunk, beside the float32 gradient of the output weight the scan
+    accumulates and the hidden states' gradient in the compute dtype. torch
+    (models.llama_torch._ChunkedCrossEntropy) forms the gradients in the forward pass: one chunk's float32
+    logits (turned into their gradient in place) and its cast to the compute dtype, beside grad_h [tokens,
+    hidden] in the compute dtype and grad_w [vocab, hidden] in float32; the backward pass then scales both
+    into new tensors."""
     rows = max(1, round(micro_batch / (mesh["data"] * mesh["fsdp"])))
     tokens, vocab, hidden = rows * seq_len, cfg.vocab_size, cfg.hidden_size
     act = 2 if precision == "bf16" else 4
@@ -335,7 +336,7 @@ def logit_bytes(cfg: LlamaConfig, mesh: dict, framework: str, micro_batch: int, 
         return tokens * vocab * per_logit / mesh["tensor"]
     chunk = chunk_tokens(rows, seq_len, loss_chunk)
     if framework == "jax":
-        return chunk * vocab * (cast + 4 + 4) + vocab * hidden * act + tokens * hidden * act
+        return chunk * vocab * (cast + 4 + 4) + vocab * hidden * 4 + tokens * hidden * act
     forward = chunk * vocab * (4 + cast) + vocab * hidden * cast
     backward = tokens * hidden * act + vocab * hidden * (4 + cast)
     return tokens * hidden * act + vocab * hidden * 4 + max(forward, backward)

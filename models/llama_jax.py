@@ -283,12 +283,11 @@ def chunked_cross_entropy(h, w, targets, positions: int):
     xs = (h.reshape(b, chunks, positions, hidden).swapaxes(0, 1), targets.reshape(b, chunks, positions).swapaxes(0, 1))
 
     @jax.checkpoint
-    def chunk_sum(w, x, y):
-        logits = matmul_t(x, w).astype(jnp.float32)
+    def chunk_sum(w, x, y):     # w cast inside: the scan sums the weight's gradient in w's own dtype (float32)
+        logits = matmul_t(x, w.astype(x.dtype)).astype(jnp.float32)
         picked = jnp.take_along_axis(logits, jnp.maximum(y, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(y >= 0, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
 
-    w = w.astype(h.dtype)
     total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_sum(w, *xy), None), jnp.zeros((), jnp.float32), xs)
     return total / (b * t)
 

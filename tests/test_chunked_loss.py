@@ -66,6 +66,20 @@ def test_jax_chunk_longer_than_the_rows_takes_the_rows_unpadded():
     assert T in dims and 97 not in dims
 
 
+def test_jax_bf16_chunks_sum_the_weight_gradient_in_float32():
+    """Under bf16 the scan over the chunks carries the output weight's gradient in float32 (the weight's own
+    dtype), as torch's chunked loss sums it: a bf16 carry would round the sum at every chunk."""
+    import jax
+    import jax.numpy as jnp
+    from models.llama_jax import chunked_cross_entropy
+    h, w, y = inputs()
+    jaxpr = jax.make_jaxpr(jax.grad(lambda hh, ww: chunked_cross_entropy(hh, ww, y, 4), argnums=1))(
+        jnp.asarray(h, jnp.bfloat16), w)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    carried = [v.aval.dtype for e in scans for v in e.outvars if getattr(v.aval, "shape", ()) == (VOCAB, HIDDEN)]
+    assert carried and all(d == jnp.float32 for d in carried), carried
+
+
 def torch_value_and_grads(loss, h, w):
     import torch
     h, w = (torch.from_numpy(a).requires_grad_() for a in (h, w))
