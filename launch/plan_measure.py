@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 
-from configs.schema import TrainerConfig
+from launch.planner import DEFAULT_LOSS_CHUNK
 from models.errors import UserError
 
-DEFAULT_LOSS_CHUNK = TrainerConfig.loss_chunk
 
 # device kinds as the frameworks report them -> chips.yaml keys (first match wins; v5 lite before v5)
 DEVICE_KINDS = [("h200", "h200"), ("h100", "h100"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),

@@ -512,7 +512,7 @@ def fp8_problems(spec: dict, precision: str) -> list[str]:
         return []
     capability = spec.get("cuda_capability")
     try:
-        check_fp8(spec["name"], tuple(capability) if capability else None)
+        check_fp8(spec.get("name", "this chip"), tuple(capability) if capability else None)
     except UserError as e:
         return [str(e)]
     return []
