@@ -145,6 +145,7 @@ class Backend(abc.ABC):
     process_index = 0
     process_count = 1
     async_save_default = True     # trainer.async_save=auto
+    compile_cache_dir: str | None = None    # the persistent compile cache this backend uses (hal/compile_cache.py)
 
     def compilations(self) -> dict:
         """Compilation counts of the step functions, where the backend compiles them."""

@@ -40,13 +40,13 @@ def _select_platform(platform: str) -> str:
     return _PLATFORM_OF.get(jax.default_backend(), jax.default_backend())
 
 
-def _configure(jax, precision: str, compile_cache_dir: str | None) -> None:
+def _configure(jax, precision: str, compile_cache_dir: str | None):
     """fp32 means fp32 matmuls (GPUs default to TF32-class ones; parity with torch needs fp32); the
     persistent compile cache (hal.compile_cache_dir, on by default: hal/compile_cache.py) keeps compiled
-    programs across restarts (a precompile run fills it)."""
+    programs across restarts (a precompile run fills it). Returns the cache's directory, None when off."""
     if precision == "fp32":
         jax.config.update("jax_default_matmul_precision", "highest")
-    compile_cache.configure_jax(jax, compile_cache_dir)
+    return compile_cache.configure_jax(jax, compile_cache_dir)
 
 
 def _attention_impl(asked: str, platform: str, precision: str) -> str:
@@ -196,7 +196,8 @@ class JaxBackend(Backend):
         self._jax = jax
         if precision == "fp8":
             check_fp8(jax.devices()[0].device_kind, _cuda_capability(jax, self.platform))
-        _configure(jax, precision, compile_cache_dir)
+        cache = _configure(jax, precision, compile_cache_dir)
+        self.compile_cache_dir = cache and str(cache)
         self._place_on_mesh(mesh, mesh_rule, instance_type)
         self.attention = _attention_impl(attention, self.platform, precision)
         self._build_model(remat, document_eos)

@@ -150,7 +150,8 @@ class TorchBackend(Backend):
                                 {key(n): d for n, d in self._tensor_dims.items()
                                  for key in (layout.param_key, layout.mu_key, layout.nu_key)})
         if compile and compile_backend == "inductor":    # torch.compile's persistent caches (hal/compile_cache.py)
-            compile_cache.configure_torch(compile_cache_dir)
+            cache = compile_cache.configure_torch(compile_cache_dir)
+            self.compile_cache_dir = cache and str(cache)
         self.net = self._build_net(remat, compile, compile_backend, document_eos, loss_chunk)
         self.opt = self._build_optimizer(optim)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from hal.profile import check_window, device_memory, is_out_of_memory, make_profiler
-from hal import compile_cache
 from hal import (HostState, NonFiniteError, OptimizerSpec, StorageError, UserError, WrongModelError,
                  first_line, make_backend)
 from models.spec import LlamaConfig, flops_per_token, num_params, reference_init
@@ -429,7 +428,7 @@ def _finish(run: Run, backend, ckpt: Checkpointer, report: "Report", start_step:
                   else "none: this run wrote no checkpoint")
     goodput, restart = clock.summary(), clock.restart()
     log.info("%s", describe(goodput))
-    timing = {"restart": restart, "goodput": goodput, "compile_cache_dir": _compile_cache_dir(run.cfg["hal"])}
+    timing = {"restart": restart, "goodput": goodput, "compile_cache_dir": backend.compile_cache_dir}
     if ckpt.lead:
         marker = run.run_dir / RUN_MARKER
         _write_json(marker, dict(_read_record(marker), last_run=dict(saved, **report.peak_memory(), **timing)))
@@ -569,16 +568,6 @@ class Report:
             extra = {"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}
             self.bar.set_postfix(loss=f"{m.loss:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", **extra, refresh=False)
             self.bar.update(1)
-
-
-def _compile_cache_dir(hal: dict) -> str | None:
-    """The persistent compile cache this run used (hal.compile_cache_dir): JAX's always, torch's with
-    torch.compile through inductor; None when off or unused."""
-    framework = hal["framework"]
-    if framework == "torch" and not (hal.get("compile") and hal.get("compile_backend") == "inductor"):
-        return None
-    path = compile_cache.directory(hal.get("compile_cache_dir"), framework)
-    return path and str(path)
 
 
 def _restart_metrics(restart: dict) -> dict:
