@@ -83,13 +83,34 @@ def initialize_torch(backend: str, env: LaunchEnv) -> tuple[int, int]:
     return dist.get_rank(), env.world_size
 
 
+EXIT_BARRIER_S = 10.0
+
+
 def _leave_process_group() -> None:
-    """At exit: destroy the process groups, so their communication threads stop before the interpreter
-    tears down (left running, a peer closing its sockets can abort this process)."""
+    """At exit: wait (a bounded time) for the other ranks to exit too, then destroy the process groups.
+
+    A collective's work object can outlive the call that waited for it: gloo's worker thread drops it a
+    moment later, and dropping it releases tensors that Python owns, which needs the GIL. Past this point
+    the interpreter finalizes, and a worker thread that asks for the GIL then aborts the process
+    ("terminate called without an active exception"). The barrier blocks without the GIL, so those
+    threads finish first, and no rank closes its sockets while a peer still talks. It is monitored: a rank
+    that never comes (one that failed alone) costs EXIT_BARRIER_S, never a hang."""
     import torch.distributed as dist
-    if dist.is_initialized():
-        _HOST_GROUP.clear()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    _exit_barrier(dist)
+    _HOST_GROUP.clear()
+    dist.destroy_process_group()
+
+
+def _exit_barrier(dist) -> None:
+    """monitored_barrier on the host group (gloo); a timeout or a peer already gone is not an error here."""
+    import datetime
+    try:
+        dist.monitored_barrier(group=host_group(), timeout=datetime.timedelta(seconds=EXIT_BARRIER_S),
+                               wait_all_ranks=True)
+    except RuntimeError:
+        pass
 
 
 _HOST_GROUP = {}

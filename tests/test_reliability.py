@@ -249,3 +249,52 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(tmp_path, fw):
     manifest = json.loads((run / "checkpoints" / str(steps[-1]) / "manifest.json").read_text())
     assert manifest["writer"]["process_count"] == 2 and manifest["step"] == steps[-1]
     assert "a signal on another process" in out or "stopped by SIGTERM" in out
+
+
+EXIT_PROBE = """
+import atexit, os, sys, time
+import torch, torch.distributed as dist
+from hal import distributed
+atexit.register(lambda: print(f"left {time.time()}", flush=True))     # runs after the process group is left
+distributed.EXIT_BARRIER_S = float(sys.argv[2])
+rank, n = distributed.initialize_torch("gloo", distributed.LaunchEnv.from_environ())
+parts = [torch.zeros(4) for _ in range(n)]
+dist.all_gather(parts, torch.full((4,), float(rank)))
+if rank == 1 and sys.argv[1] == "gone":
+    os._exit(0)                   # no exit handlers: this rank never reaches the exit barrier
+if rank == 1 and sys.argv[1] == "late":
+    time.sleep(3)
+print(f"done {time.time()}", flush=True)
+"""
+
+
+def _exit_probe(tmp_path, mode: str, bound: float) -> dict:
+    """Run EXIT_PROBE under torchrun; {rank: {"done": t, "left": t}} from its tagged output."""
+    script = tmp_path / "exit_probe.py"
+    script.write_text(EXIT_PROBE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "--tee=3", str(script), mode, str(bound)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=HUNG, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    times = {}
+    for line in r.stdout.splitlines():
+        tag, _, rest = line.partition("]:")          # "[default0]:done 1732...."
+        if rest:
+            what, t = rest.split()
+            times.setdefault(int(tag.strip("[default")), {})[what] = float(t)
+    return times
+
+
+def test_ranks_leave_the_process_group_together(tmp_path):
+    """At exit a rank waits for the others before tearing its process group down, so no gloo worker thread
+    is still releasing a collective's tensors while the interpreter finalizes (an abort at exit)."""
+    times = _exit_probe(tmp_path, "late", 60)
+    assert times[0]["left"] >= times[1]["done"]
+
+
+def test_a_rank_whose_peer_is_gone_still_exits(tmp_path):
+    """The exit barrier is bounded: a peer that never reaches it (gone without exit handlers) costs the
+    bound at most, never a hang."""
+    times = _exit_probe(tmp_path, "gone", 5)
+    assert "left" in times[0] and times[0]["left"] - times[0]["done"] <= 5 + 10
+    assert 1 not in times or "left" not in times[1]
