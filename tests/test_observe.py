@@ -255,3 +255,22 @@ def test_an_oversized_micro_batch_ends_the_run_with_the_out_of_memory_line(tmp_p
                                 "process peak RSS ")
     assert "try trainer.micro_batch=32 (gradient accumulation keeps global_batch 128)" in errors[0]
     assert "trainer.remat=true" in errors[0]
+
+
+def test_tensorboard_scalars_from_a_process_without_torch(tmp_path):
+    """A JAX run's TensorBoard writer does not load torch (tensorboardX would import it at its own import),
+    and its events read back; a process that has loaded torch writes the same way."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    probe = ("import sys; from trainer.observe import Scalars\n"
+             "pre = sys.argv[2] == 'torch'\n"
+             "if pre: import torch\n"
+             "s = Scalars(sys.argv[1]); s.add(3, {'loss': 2.5}); s.close()\n"
+             "print('torch' in sys.modules)\n")
+    for preload, loads_torch in (("none", "False"), ("torch", "True")):
+        run = tmp_path / preload
+        r = subprocess.run([sys.executable, "-c", probe, str(run), preload], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.split() == [loads_torch], r.stderr[-2000:]
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 2.5)]

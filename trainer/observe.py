@@ -43,6 +43,23 @@ def scalar_values(values: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter. Importing tensorboardX imports torch where torch is installed, only to
+    accept torch tensors (the loop logs floats): 1.5 s of a JAX run's start. A process that has not loaded
+    torch imports tensorboardX with torch hidden (a None entry in sys.modules makes `import torch` raise
+    ImportError, which tensorboardX handles), so it stays a NumPy-only writer."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Scalars:
     """TensorBoard event files in run_dir/tensorboard (tensorboardX; skipped with a note if missing): the
     scalars of every metrics line, the resolved config and samples of text."""
@@ -53,7 +70,7 @@ class Scalars:
         if not enabled:
             return
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
         except ImportError:
             log.info("tensorboardX not installed: no TensorBoard event files (pip install tensorboardX)")
             return
