@@ -11,6 +11,8 @@
 #    that run resumed on the compile cache it filled (restart to first step, the restore of the checkpoint).
 # 2. fp8.md: bench/accelerator.sh PRECISION=fp8 against PRECISION=bf16, both frameworks, a few steps, no save.
 # 3. micro16.md: bench/accelerator.sh bf16 at micro-batch GLOBAL (no accumulation: what the chunked loss frees).
+# 4. stall.md: bench/save_stall_trace.py per framework: the steps beside an async save under the profiler, the
+#    busy time of every thread and device stream in that window (what those steps wait for).
 # Python packages the image lacks travel as wheels in .whl/ (git-ignored; carried to the machine), installed first:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
 #       --platform manylinux_2_28_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1 tensorboardX torchao==0.18.0
@@ -89,5 +91,13 @@ acc fp8 PRECISION=fp8 STEPS=8 WARMUP=3
 acc bf16 PRECISION=bf16 STEPS=8 WARMUP=3
 # ---- 3. the micro-batch the chunked loss frees ------------------------------------------------------------------
 acc micro16 PRECISION=bf16 STEPS=8 WARMUP=3 MICRO="$GLOBAL"
+# ---- 4. what the steps beside an async save wait for: a profiler trace of them, summarised per thread/stream ----
+for fw in $FRAMEWORKS; do
+    [ "$(left)" -lt 150 ] && { say "skipping the $fw save-stall trace: $(left)s left"; continue; }
+    say "$fw: profiler trace of the steps beside an async save"
+    timeout $(( $(left) - 20 )) "$PY" bench/save_stall_trace.py --framework "$fw" --model "$MODEL" \
+        --precision "$PRECISION" --platform "$PLATFORM" --seq-len "$SEQ" --global-batch "$GLOBAL" --micro-batch "$MICRO" \
+        --out "$WORK/stall" >> "$OUT/stall.md" 2> "$OUT/stall-$fw.log" || say "$fw save_stall_trace.py failed (stall-$fw.log)"
+done
 say "done; $(left)s of the budget left"
 ls -la "$OUT" >&2
