@@ -45,9 +45,9 @@ def scalar_values(values: dict) -> dict[str, float]:
 
 def _summary_writer_class():
     """tensorboardX's SummaryWriter. Importing tensorboardX imports torch where torch is installed, only to
-    accept torch tensors (the loop logs floats): 1.5 s of a JAX run's start. A process that has not loaded
-    torch imports tensorboardX with torch hidden (a None entry in sys.modules makes `import torch` raise
-    ImportError, which tensorboardX handles), so it stays a NumPy-only writer."""
+    accept torch tensors (the loop logs floats): the largest import of a JAX run's start. A process that
+    has not loaded torch imports tensorboardX with torch hidden (a None entry in sys.modules makes
+    `import torch` raise ImportError, which tensorboardX handles), so it stays a NumPy-only writer."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
