@@ -77,10 +77,12 @@ def _numpy_float32(t) -> np.ndarray:
 
 
 def _register_pinned_memory_in_threads(torch) -> None:
-    """Pinned host memory as torch's caching host allocator makes it by default (cudaHostAlloc) took 7.7 s
-    for the 15 GB state of a 1B model on an H100 host; allocated normally and registered with CUDA by 8
-    threads (its allocator options pinned_use_cuda_host_register, pinned_num_register_threads) it took
-    2.5 s. Set where the user has not chosen: PYTORCH_CUDA_ALLOC_CONF names neither."""
+    """Pinned host memory for a multi-GB state: torch's caching host allocator makes it by default with
+    cudaHostAlloc, several times slower than memory allocated normally and then registered with CUDA by 8
+    threads (its allocator options pinned_use_cuda_host_register, pinned_num_register_threads; figures in
+    bench/RESULTS.md). Set where the user has not chosen: PYTORCH_CUDA_ALLOC_CONF names neither. The setter
+    is private to torch (the public way is the environment variable, read once when CUDA starts, which a
+    library cannot count on setting first); without it only the speed of the first save changes."""
     if "pinned_" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         return
     try:
