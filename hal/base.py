@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import os
 from typing import Callable
 
@@ -214,6 +215,18 @@ class Backend(abc.ABC):
 
     def barrier(self, name: str) -> None:
         """Wait for every process."""
+
+
+def loss_chunk_under(loss_chunk: int, tensor: int) -> int:
+    """trainer.loss_chunk as a backend applies it on a mesh with `tensor` tensor-parallel ranks: 0 (the
+    whole logits) under tensor parallelism, where the hidden states are split over the sequence and the
+    logits over the vocabulary, so no device holds a chunk's worth of either."""
+    if loss_chunk and tensor > 1:
+        logging.getLogger("trichip").info(
+            "trainer.loss_chunk=%d: the loss takes the whole logits under tensor parallelism (hal.mesh.tensor=%d "
+            "splits them and the hidden states)", loss_chunk, tensor)
+        return 0
+    return loss_chunk
 
 
 def check_fp8(chip: str, capability: tuple[int, int] | None) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 
 from hal import compile_cache, layout, neuron, store
 from hal import mesh as meshlib
-from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8, first_line
+from hal.base import (Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8, first_line,
+                      loss_chunk_under)
 from hal.distributed import initialize_jax, launch_env
 from models.spec import RESIDUAL_AXES, LlamaConfig, flatten, logical_axes, nest, param_shapes
 
@@ -252,12 +253,9 @@ class JaxBackend(Backend):
         """The loss of the train step and eval: chunked (trainer.loss_chunk > 0) except under tensor
         parallelism, where the hidden states are split over the sequence and the logits over the vocabulary."""
         from models.llama_jax import cross_entropy
-        if self.loss_chunk and self.mesh_sizes["tensor"] == 1:
-            return make_chunked_loss_fn(self.net, self.loss_chunk, self._batch_divisor())
-        if self.loss_chunk:
-            log.info("trainer.loss_chunk=%d: the loss takes the whole logits under tensor parallelism "
-                     "(hal.mesh.tensor=%d splits them and the hidden states)", self.loss_chunk,
-                     self.mesh_sizes["tensor"])
+        chunk = loss_chunk_under(self.loss_chunk, self.mesh_sizes["tensor"])
+        if chunk:
+            return make_chunked_loss_fn(self.net, chunk, self._batch_divisor())
         apply = self.net.apply
         if self.mesh_sizes["tensor"] > 1:
             apply = sequence_parallel(apply, self.mesh, self.mesh_sizes)

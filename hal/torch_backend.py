@@ -12,7 +12,7 @@ import numpy as np
 
 from hal import compile_cache, distributed, layout, neuron, store, torch_parallel
 from hal import mesh as meshlib
-from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8
+from hal.base import Backend, HostState, OptimizerSpec, Snapshot, StepMetrics, UserError, check_fp8, loss_chunk_under
 from hal.fsdp_store import ShardStore
 from hal.host_buffers import HostBufferPool
 from models.spec import LlamaConfig, decays
@@ -171,11 +171,7 @@ class TorchBackend(Backend):
             self._convert_fp8(net)
         net.activation_checkpointing = remat
         net.flex_attention = self.device.type == "cuda"
-        net.loss_chunk = loss_chunk if self.mesh_sizes["tensor"] == 1 else 0
-        if loss_chunk and not net.loss_chunk:
-            log.info("trainer.loss_chunk=%d: the loss takes the whole logits under tensor parallelism "
-                     "(hal.mesh.tensor=%d splits them and the hidden states; loss_parallel where the vocabulary "
-                     "is split)", loss_chunk, self.mesh_sizes["tensor"])
+        net.loss_chunk = loss_chunk_under(loss_chunk, self.mesh_sizes["tensor"])
         self.device_mesh, self.fsdp = None, False
         if self.distributed and (self.hooks is None or self.hooks.supports_fsdp2):
             self.device_mesh = self._device_mesh()
